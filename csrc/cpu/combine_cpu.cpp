@@ -1,0 +1,132 @@
+// Multi-tensor linear combination on the CPU, compiled once per ISA level (namespace FM_ISA).
+//
+// For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b and
+// coefficients c_i:
+//     d_i = x_i[j] - b[j]            (d_i = x_i[j] without a base)
+//     acc = c_0*d_0;  acc = acc + c_i*d_i  for i = 1..N-1   (left fold, one rounding per operation)
+//     out[j] = round(b[j] + acc)     (round(acc) without a base)
+// in fp32 (fp64 when an input is fp64). Work is split into fixed chunks over all tensors, so mixed
+// shapes balance across threads; each chunk keeps its accumulator in L1 and streams every input once.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../numerics.h"
+#include "combine_cpu.h"
+
+namespace fm {
+namespace FM_ISA {
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(bf16_t x) { return bf16_to_f32(x.bits); }
+inline float widen(f16_t x) { return f16_to_f32(x.bits); }
+
+inline void narrow(float v, float* o) { *o = v; }
+inline void narrow(double v, float* o) { *o = static_cast<float>(v); }
+inline void narrow(float v, double* o) { *o = v; }
+inline void narrow(double v, double* o) { *o = v; }
+template <typename Acc> inline void narrow(Acc v, bf16_t* o) { o->bits = f32_to_bf16(static_cast<float>(v)); }
+template <typename Acc> inline void narrow(Acc v, f16_t* o) { o->bits = f32_to_f16(static_cast<float>(v)); }
+
+template <typename Acc, typename T>
+void load(Acc* dst, const void* src, int64_t n) {
+  const T* x = static_cast<const T*>(src);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<Acc>(widen(x[j]));
+}
+
+// acc (=|+=) c * (x - b)
+template <typename Acc, typename T, bool First, bool HasBase>
+void fold(Acc* __restrict acc, const void* src, const Acc* __restrict b, Acc c, int64_t n) {
+  const T* __restrict x = static_cast<const T*>(src);
+  for (int64_t j = 0; j < n; ++j) {
+    Acc v = static_cast<Acc>(widen(x[j]));
+    if (HasBase) v = v - b[j];
+    v = v * c;
+    acc[j] = First ? v : acc[j] + v;
+  }
+}
+
+template <typename Acc, typename T>
+void store(void* dst, const Acc* __restrict acc, const Acc* __restrict b, bool has_base, int64_t n) {
+  T* o = static_cast<T*>(dst);
+  if (has_base) {
+    for (int64_t j = 0; j < n; ++j) narrow(b[j] + acc[j], o + j);
+  } else {
+    for (int64_t j = 0; j < n; ++j) narrow(acc[j], o + j);
+  }
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the storage type of dtype code dt.
+template <typename F>
+void dispatch_dtype(int64_t dt, F&& f) {
+  switch (dt) {
+    case kF32: f(Tag<float>{}); break;
+    case kF16: f(Tag<f16_t>{}); break;
+    case kBF16: f(Tag<bf16_t>{}); break;
+    default: f(Tag<double>{}); break;
+  }
+}
+
+template <typename Acc, bool HasBase>
+void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (first) fold<Acc, T, true, HasBase>(acc, x, b, c, n);
+    else fold<Acc, T, false, HasBase>(acc, x, b, c, n);
+  });
+}
+
+template <typename Acc>
+void combine_chunk(const TableRow& row, int64_t n_inputs, const double* coeffs, int64_t start, int64_t n) {
+  alignas(64) Acc acc[kChunk];
+  alignas(64) Acc b[kChunk];
+  const bool has_base = row.base() != nullptr;
+  if (has_base) {
+    const char* p = static_cast<const char*>(row.base()) + start * dtype_size(row.base_dtype());
+    dispatch_dtype(row.base_dtype(), [&](auto tag) { load<Acc, typename decltype(tag)::type>(b, p, n); });
+  }
+  for (int64_t i = 0; i < n_inputs; ++i) {
+    const char* x = static_cast<const char*>(row.input(i)) + start * dtype_size(row.input_dtype(i));
+    const Acc c = static_cast<Acc>(coeffs[i]);
+    if (has_base) fold_input<Acc, true>(i == 0, row.input_dtype(i), acc, x, b, c, n);
+    else fold_input<Acc, false>(i == 0, row.input_dtype(i), acc, x, b, c, n);
+  }
+  char* o = static_cast<char*>(row.out()) + start * dtype_size(row.out_dtype());
+  dispatch_dtype(row.out_dtype(), [&](auto tag) { store<Acc, typename decltype(tag)::type>(o, acc, b, has_base, n); });
+}
+
+}  // namespace
+
+void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const double* coeffs) {
+  std::vector<int64_t> first_chunk(n_tensors + 1, 0);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const TableRow row(table, n_inputs, t);
+    first_chunk[t + 1] = first_chunk[t] + (row.numel() + kChunk - 1) / kChunk;
+  }
+  const int64_t total = first_chunk[n_tensors];
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < total; ++g) {
+    const int64_t t = std::upper_bound(first_chunk.begin(), first_chunk.end(), g) - first_chunk.begin() - 1;
+    const TableRow row(table, n_inputs, t);
+    const int64_t start = (g - first_chunk[t]) * kChunk;
+    const int64_t n = std::min(kChunk, row.numel() - start);
+    if (row.accumulates_in_f64(n_inputs)) combine_chunk<double>(row, n_inputs, coeffs, start, n);
+    else combine_chunk<float>(row, n_inputs, coeffs, start, n);
+  }
+}
+
+}  // namespace FM_ISA
+}  // namespace fm

@@ -1,0 +1,157 @@
+"""Input forms shared by every op: a sequence of tensors, of state dicts or of nn.Modules.
+
+Everything is brought to a list of state dicts, checked (same keys, shapes, devices), merged key by key
+through one multi-tensor launch, and handed back in the form it came in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .reference import CombineJob
+
+StateDict = Dict[str, torch.Tensor]
+
+
+@dataclass
+class Forms:
+    """Inputs as state dicts, and how to give the result back."""
+
+    kind: str  # "tensor", "state_dict" or "module"
+    dicts: List[StateDict]
+    first: object
+    name: str = "tensor"
+
+    def wrap(self, merged: StateDict):
+        if self.kind == "tensor":
+            return merged[self.name]
+        if self.kind == "module":
+            module = copy.deepcopy(self.first)
+            module.load_state_dict(merged, assign=True)
+            return module
+        return merged
+
+
+def _kind(x) -> Optional[str]:
+    if isinstance(x, torch.Tensor):
+        return "tensor"
+    if isinstance(x, nn.Module):
+        return "module"
+    if isinstance(x, Mapping):
+        return "state_dict"
+    return None
+
+
+def _as_dict(x, kind: str, name: str, what: str) -> StateDict:
+    if kind == "tensor":
+        return {name: x}
+    d = x.state_dict() if kind == "module" else x
+    for key, value in d.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    return dict(d)
+
+
+def gather(inputs, arg: str = "inputs", name: str = "tensor") -> Forms:
+    """Bring a sequence of tensors, state dicts or modules to state dicts; tensors get the key `name`."""
+    if _kind(inputs) is not None or isinstance(inputs, (str, bytes)):
+        raise TypeError(f"{arg} must be a sequence of tensors, state dicts or modules, "
+                        f"got a single {type(inputs).__name__}")
+    try:
+        items = list(inputs)
+    except TypeError:
+        raise TypeError(f"{arg} must be a sequence of tensors, state dicts or modules, "
+                        f"got {type(inputs).__name__}") from None
+    if not items:
+        raise ValueError(f"{arg} is empty: give at least one tensor, state dict or module")
+    kinds = [_kind(x) for x in items]
+    if kinds[0] is None or any(k != kinds[0] for k in kinds):
+        found = sorted({type(x).__name__ for x in items})
+        raise TypeError(f"{arg} must all be tensors, all state dicts or all modules, got {found}")
+    dicts = [_as_dict(x, kinds[0], name, f"{arg}[{i}]") for i, x in enumerate(items)]
+    return Forms(kinds[0], dicts, items[0], name)
+
+
+def gather_base(base, forms: Forms, arg: str = "base") -> StateDict:
+    """The base model in the same form as the inputs."""
+    kind = _kind(base)
+    if kind != forms.kind:
+        raise TypeError(f"{arg} must be a {forms.kind.replace('_', ' ')} like the inputs, got {type(base).__name__}")
+    return _as_dict(base, kind, forms.name, arg)
+
+
+def _check_keys(forms: Forms, base: Optional[StateDict], arg: str) -> None:
+    ref = forms.dicts[0].keys()
+    others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
+    if base is not None:
+        others.append(("base", base))
+    for label, d in others:
+        missing = [k for k in ref if k not in d]
+        extra = [k for k in d if k not in ref]
+        if missing or extra:
+            raise ValueError(f"{label} does not have the keys of {arg}[0]: missing {missing[:8]}"
+                             f"{'...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
+                             f"{'...' if len(extra) > 8 else ''}")
+
+
+def _check_key(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    t0 = tensors[0]
+    for t, label in zip(tensors[1:], labels[1:]):
+        if t.shape != t0.shape:
+            raise ValueError(f"key {key!r}: shape {tuple(t.shape)} in {label} differs from {tuple(t0.shape)} in {labels[0]}")
+        if t.device != t0.device:
+            raise ValueError(f"key {key!r}: device {t.device} in {label} differs from {t0.device} in {labels[0]}")
+        if t.is_floating_point() != t0.is_floating_point():
+            raise ValueError(f"key {key!r}: {label} is {t.dtype} but {labels[0]} is {t0.dtype}; "
+                             "floating and integer tensors cannot be merged together")
+    if t0.is_complex():
+        raise TypeError(f"key {key!r}: complex tensors are not supported")
+
+
+def _agreed(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> torch.Tensor:
+    """Integer and bool tensors (buffers) are not averaged: taken when every model agrees."""
+    for t, label in zip(tensors[1:], labels[1:]):
+        if t.dtype != tensors[0].dtype or not torch.equal(t, tensors[0]):
+            raise ValueError(f"key {key!r}: {tensors[0].dtype} tensors are not merged and {label} differs from "
+                             f"{labels[0]}; make them equal or remove the key before merging")
+    return tensors[0].clone()
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+
+
+def merge_linear(forms: Forms, coeffs: Sequence[float], base: Optional[StateDict], out_dtype, backend: str,
+                 arg: str = "inputs") -> StateDict:
+    """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference."""
+    check_out_dtype(out_dtype)
+    _check_keys(forms, base, arg)
+    labels = [f"{arg}[{i}]" for i in range(len(forms.dicts))] + (["base"] if base is not None else [])
+    merged: StateDict = {}
+    jobs: Dict[torch.device, List[CombineJob]] = {}
+    for key in forms.dicts[0]:
+        xs = [d[key] for d in forms.dicts]
+        b = base[key] if base is not None else None
+        everything = xs + ([b] if b is not None else [])
+        _check_key(key, everything, labels)
+        if not xs[0].is_floating_point():
+            merged[key] = _agreed(key, everything, labels)
+            continue
+        dtype = out_dtype
+        if dtype is None:
+            dtype = everything[0].dtype
+            for t in everything[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+        merged[key] = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
+        jobs.setdefault(xs[0].device, []).append(CombineJob(merged[key], xs, b))
+    for device_jobs in jobs.values():
+        dispatch.combine(device_jobs, coeffs, backend)
+    return merged

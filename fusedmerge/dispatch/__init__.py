@@ -1,0 +1,121 @@
+"""Backend registry, availability and selection.
+
+Backends: ``torch`` (the reference, any device), ``cpu`` (C++/OpenMP), ``cuda`` (CUDA C++), ``triton``.
+``backend="auto"`` takes, for the tensors' device, the first available of ``AUTO_ORDER``; the
+``FUSEDMERGE_BACKEND`` environment variable replaces "auto" when set; an explicit argument wins over both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence
+
+import torch
+
+from .. import reference
+from ..reference import CombineJob
+from ._table import kernel_supports
+
+NAMES = ("torch", "cpu", "cuda", "triton")
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+ENV_VAR = "FUSEDMERGE_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, on which device types, and why not when it cannot."""
+
+    available: bool
+    devices: tuple
+    reason: str
+
+
+def _import(module: str):
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _status_cpu() -> BackendStatus:
+    try:
+        from .. import _cpu
+    except ImportError as e:
+        return BackendStatus(False, (), f"not built: the C++ extension failed to import ({e})")
+    return BackendStatus(True, ("cpu",), f"C++/OpenMP, {_cpu.isa()} kernels, {_cpu.max_threads()} threads")
+
+
+def _status_cuda() -> BackendStatus:
+    try:
+        from .. import _cuda
+    except ImportError:
+        return BackendStatus(False, (), "not built: no CUDA compiler when fusedmerge was built")
+    if _cuda.device_count() == 0 or _gpu_count() == 0:
+        return BackendStatus(False, (), "no GPU: the CUDA extension is built but no CUDA device is visible")
+    return BackendStatus(True, ("cuda",), f"CUDA C++, {_gpu_count()} device(s)")
+
+
+def _status_triton() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return BackendStatus(False, (), "triton not installed (pip install 'fusedmerge[triton]')")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return BackendStatus(True, ("cpu",), f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors")
+    if _gpu_count() == 0:
+        return BackendStatus(False, (), "no GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)")
+    return BackendStatus(True, ("cuda",), f"triton {triton.__version__} on GPU")
+
+
+_STATUS: Dict[str, Callable[[], BackendStatus]] = {
+    "torch": lambda: BackendStatus(True, ("cpu", "cuda", "any"), "plain torch reference"),
+    "cpu": _status_cpu,
+    "cuda": _status_cuda,
+    "triton": _status_triton,
+}
+
+
+def backends() -> Dict[str, BackendStatus]:
+    """Every backend with whether it is available here and, if not, why."""
+    return {name: _STATUS[name]() for name in NAMES}
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend name that runs tensors on `device` for the user's choice `backend`."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + NAMES}, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f"environment variable {ENV_VAR}"
+    else:
+        source = "backend argument"
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if _STATUS[name]().available and (name == "torch" or device.type in _STATUS[name]().devices):
+                return name
+        return "torch"
+    if backend not in NAMES:
+        raise ValueError(f"unknown backend {backend!r} from the {source}; choose one of {('auto',) + NAMES}")
+    status = _STATUS[backend]()
+    if not status.available:
+        raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+    if backend != "torch" and device.type not in status.devices:
+        raise ValueError(f"backend {backend!r} does not run on {device.type} tensors (runs on {status.devices})")
+    return backend
+
+
+def combine(jobs: Sequence[CombineJob], coeffs: Sequence[float], backend: str) -> None:
+    """Run linear-combination jobs (all on one device) on `backend`; jobs no kernel handles (other dtypes)
+    and empty tensors go to the torch reference, which defines the result anyway."""
+    jobs = [j for j in jobs if j.out.numel() > 0]
+    if not jobs:
+        return
+    name = resolve(backend, jobs[0].out.device)
+    fused = [j for j in jobs if name != "torch" and kernel_supports(j)]
+    if fused:
+        _import(name).combine(fused, coeffs)
+    if len(fused) < len(jobs):
+        reference.combine([j for j in jobs if not (name != "torch" and kernel_supports(j))], coeffs)

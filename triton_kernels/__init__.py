@@ -1,0 +1,1 @@
+"""Triton kernels of fusedmerge, installed as ``fusedmerge.triton_kernels`` (never a top-level package)."""

@@ -1,0 +1,95 @@
+"""Multi-tensor linear combination in Triton, driven by the int64 table of csrc/cpu/combine_cpu.h.
+
+For each tile (tensor t, elements start..start+BLOCK) and inputs x_i of that tensor, base b, coeffs c_i::
+
+    acc = c_0*(x_0 - b) ; acc = acc + c_i*(x_i - b)   (no base: x_i alone; fp32 or fp64, left fold)
+    out = round_to_nearest_even(b + acc)
+
+Input, base and output dtypes are read from the table at run time (a uniform branch per tile); pointers
+are int64 table entries cast with tl.pointer_type. bf16 is loaded and stored as raw uint16 bits and
+rounded by hand, which is exact on GPUs and in the interpreter alike. Launch without FMA contraction.
+"""
+
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+BLOCK_INTERPRETER = 1 << 16
+F32, F16, BF16, F64 = 0, 1, 2, 3  # csrc/numerics.h
+
+
+@triton.jit
+def _to_acc(x, ACC_F64: tl.constexpr):
+    if ACC_F64:
+        return x.to(tl.float64)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_acc(addr, code, offs, mask, ACC_F64: tl.constexpr):
+    if code == 2:
+        bits = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        x = _to_acc((bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True), ACC_F64)
+    elif code == 1:
+        x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0).to(tl.float32), ACC_F64)
+    elif code == 0:
+        x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0), ACC_F64)
+    else:
+        x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0), ACC_F64)
+    return x
+
+
+@triton.jit
+def _store_rounded(addr, code, offs, mask, v):
+    if code == 3:
+        tl.store(addr.to(tl.pointer_type(tl.float64)) + offs, v.to(tl.float64), mask=mask)
+    else:
+        f = v.to(tl.float32)
+        if code == 2:
+            bits = f.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(f != f, 0x7FC0, rounded)
+            tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, rounded.to(tl.uint16), mask=mask)
+        elif code == 1:
+            tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, f.to(tl.float16), mask=mask)
+        else:
+            tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, f, mask=mask)
+
+
+@triton.jit
+def _term(row, i, coeff_ptr, b, offs, mask, HAS_BASE: tl.constexpr, ACC_F64: tl.constexpr):
+    x = _load_acc(tl.load(row + 5 + 2 * i), tl.load(row + 6 + 2 * i), offs, mask, ACC_F64)
+    if HAS_BASE:
+        x = x - b
+    c = tl.load(coeff_ptr + i)
+    if not ACC_F64:
+        c = c.to(tl.float32)
+    return x * c
+
+
+@triton.jit
+def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, coeff_ptr, N: tl.constexpr,
+                   ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(tile_tensor_ptr + pid) * (5 + 2 * N)
+    offs = tl.load(tile_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(row + 2)
+    base_addr = tl.load(row + 3)
+    if base_addr != 0:
+        b = _load_acc(base_addr, tl.load(row + 4), offs, mask, ACC_F64)
+        acc = _term(row, 0, coeff_ptr, b, offs, mask, True, ACC_F64)
+        for i in tl.static_range(1, N):
+            acc = acc + _term(row, i, coeff_ptr, b, offs, mask, True, ACC_F64)
+        acc = b + acc
+    else:
+        acc = _term(row, 0, coeff_ptr, 0.0, offs, mask, False, ACC_F64)
+        for i in tl.static_range(1, N):
+            acc = acc + _term(row, i, coeff_ptr, 0.0, offs, mask, False, ACC_F64)
+    _store_rounded(tl.load(row), tl.load(row + 1), offs, mask, acc)
+
+
+def launch(table, tile_tensor, tile_start, coeffs, *, n_inputs, acc_f64, block):
+    """One launch over all tiles; tensors are on the kernel's device."""
+    grid = (tile_tensor.numel(),)
+    combine_kernel[grid](table, tile_tensor, tile_start, coeffs, N=n_inputs, ACC_F64=acc_f64, BLOCK=block,
+                         num_warps=8, enable_fp_fusion=False)
