@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ class Forms:
     first: object
     name: str = "tensor"
 
-    def wrap(self, merged: StateDict):
+    def wrap(self, merged: StateDict, out=None):
+        if out is not None:
+            return out
         if self.kind == "tensor":
             return merged[self.name]
         if self.kind == "module":
@@ -79,19 +81,15 @@ def gather(inputs, arg: str = "inputs", name: str = "tensor") -> Forms:
     return Forms(kinds[0], dicts, items[0], name)
 
 
-def gather_base(base, forms: Forms, arg: str = "base") -> StateDict:
-    """The base model in the same form as the inputs."""
+def gather_like(base, forms: Forms, arg: str) -> StateDict:
+    """Another model (the base, or `out`) in the same form as the inputs."""
     kind = _kind(base)
     if kind != forms.kind:
         raise TypeError(f"{arg} must be a {forms.kind.replace('_', ' ')} like the inputs, got {type(base).__name__}")
     return _as_dict(base, kind, forms.name, arg)
 
 
-def _check_keys(forms: Forms, base: Optional[StateDict], arg: str) -> None:
-    ref = forms.dicts[0].keys()
-    others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
-    if base is not None:
-        others.append(("base", base))
+def _check_keys(ref: StateDict, others: Sequence[Tuple[str, StateDict]], arg: str) -> None:
     for label, d in others:
         missing = [k for k in ref if k not in d]
         extra = [k for k in d if k not in ref]
@@ -129,11 +127,39 @@ def check_out_dtype(out_dtype) -> None:
         raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
 
 
+def _span(t: torch.Tensor):
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def _check_out(key: str, out: torch.Tensor, like: torch.Tensor, sources: Sequence[torch.Tensor], out_dtype) -> None:
+    """`out` must fit the result and may alias an input only exactly (same memory, same dtype)."""
+    if out.shape != like.shape or out.device != like.device:
+        raise ValueError(f"key {key!r}: out is {tuple(out.shape)} on {out.device}, "
+                         f"the result is {tuple(like.shape)} on {like.device}")
+    if like.is_floating_point():
+        if not out.is_floating_point() or (out_dtype is not None and out.dtype != out_dtype):
+            raise TypeError(f"key {key!r}: out has dtype {out.dtype}, expected {out_dtype or 'a floating dtype'}")
+        if not out.is_contiguous():
+            raise ValueError(f"key {key!r}: out tensors must be contiguous")
+    lo, hi = _span(out)
+    for t in sources:
+        if t.device != out.device or out.numel() == 0 or t.numel() == 0:
+            continue
+        t_lo, t_hi = _span(t)
+        exact = t_lo == lo and t.dtype == out.dtype and t.is_contiguous()
+        if t_lo < hi and lo < t_hi and not exact:
+            raise ValueError(f"key {key!r}: out partially overlaps an input; "
+                             "it may only be one of the inputs itself or separate memory")
+
+
 def merge_linear(forms: Forms, coeffs: Sequence[float], base: Optional[StateDict], out_dtype, backend: str,
-                 arg: str = "inputs") -> StateDict:
-    """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference."""
+                 out: Optional[StateDict] = None, arg: str = "inputs") -> StateDict:
+    """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.
+    With `out`, results are written into its tensors (which may be the inputs' own, as in an in-place merge)."""
     check_out_dtype(out_dtype)
-    _check_keys(forms, base, arg)
+    others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
+    others += [(label, d) for label, d in (("base", base), ("out", out)) if d is not None]
+    _check_keys(forms.dicts[0], others, arg)
     labels = [f"{arg}[{i}]" for i in range(len(forms.dicts))] + (["base"] if base is not None else [])
     merged: StateDict = {}
     jobs: Dict[torch.device, List[CombineJob]] = {}
@@ -142,15 +168,22 @@ def merge_linear(forms: Forms, coeffs: Sequence[float], base: Optional[StateDict
         b = base[key] if base is not None else None
         everything = xs + ([b] if b is not None else [])
         _check_key(key, everything, labels)
+        if out is not None:
+            _check_out(key, out[key], xs[0], everything, out_dtype)
         if not xs[0].is_floating_point():
             merged[key] = _agreed(key, everything, labels)
+            if out is not None:
+                merged[key] = out[key].copy_(merged[key])
             continue
-        dtype = out_dtype
-        if dtype is None:
-            dtype = everything[0].dtype
-            for t in everything[1:]:
-                dtype = torch.promote_types(dtype, t.dtype)
-        merged[key] = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
+        if out is not None:
+            merged[key] = out[key]
+        else:
+            dtype = out_dtype
+            if dtype is None:
+                dtype = everything[0].dtype
+                for t in everything[1:]:
+                    dtype = torch.promote_types(dtype, t.dtype)
+            merged[key] = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
         jobs.setdefault(xs[0].device, []).append(CombineJob(merged[key], xs, b))
     for device_jobs in jobs.values():
         dispatch.combine(device_jobs, coeffs, backend)

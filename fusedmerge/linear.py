@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._forms import gather, gather_base, merge_linear
+from ._forms import gather, gather_like, merge_linear
 
 
 def _weights(weights, n: int, normalise: bool) -> List[float]:
@@ -50,23 +50,26 @@ def _scalar(value, arg: str) -> float:
 
 
 def average(inputs, weights: Optional[Sequence[float]] = None, *, out_dtype: Optional[torch.dtype] = None,
-            backend: str = "auto"):
+            out=None, backend: str = "auto"):
     """(Weighted) average of tensors, state dicts or modules: Σ w_i·x_i with weights normalised to sum 1.
 
     A drop-in for ``torch.stack(ts).mean(0)`` and FusionBench's simple/weighted averages. Returns a tensor,
-    a new state dict, or a new module of the first module's class. Inputs are never modified.
+    a new state dict, or a new module of the first module's class. Inputs are never modified, unless given
+    as `out` (a tensor, state dict or module of the inputs' form, written in place and returned).
     """
     forms = gather(inputs)
     coeffs = _weights(weights, len(forms.dicts), normalise=True)
-    return forms.wrap(merge_linear(forms, coeffs, None, out_dtype, backend))
+    out_dict = gather_like(out, forms, "out") if out is not None else None
+    return forms.wrap(merge_linear(forms, coeffs, None, out_dtype, backend, out_dict), out)
 
 
 def task_arithmetic(base, inputs, scaling: float = 1.0, *, weights: Optional[Sequence[float]] = None,
-                    out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+                    out_dtype: Optional[torch.dtype] = None, out=None, backend: str = "auto"):
     """Task arithmetic θ0 + λ·Σ w_i·(θ_i − θ0) over tensors, state dicts or modules (w_i = 1 by default,
-    not normalised: λ carries any 1/N, as in FusionBench)."""
+    not normalised: λ carries any 1/N, as in FusionBench). `out` as in `average`."""
     forms = gather(inputs)
-    base_dict = gather_base(base, forms)
+    base_dict = gather_like(base, forms, "base")
     lam = _scalar(scaling, "scaling")
     coeffs = [lam * w for w in _weights(weights, len(forms.dicts), normalise=False)]
-    return forms.wrap(merge_linear(forms, coeffs, base_dict, out_dtype, backend))
+    out_dict = gather_like(out, forms, "out") if out is not None else None
+    return forms.wrap(merge_linear(forms, coeffs, base_dict, out_dtype, backend, out_dict), out)
