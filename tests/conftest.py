@@ -1,0 +1,72 @@
+"""Shared fixtures: backends present on this machine and synthetic CLIP ViT checkpoints.
+
+Without a GPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set before any kernel
+module is imported); CUDA and GPU-Triton tests skip with a visible reason.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedmerge  # noqa: E402
+from fusedmerge.synthetic import clip_vit_models  # noqa: E402
+
+STATUS = fusedmerge.backends()
+
+
+def backend_params(device: str, names=("cpu", "triton", "cuda")):
+    """pytest params for the fused backends on `device`, skipped with the backend's own reason."""
+    params = []
+    for name in names:
+        s = STATUS[name]
+        runs = s.available and device in s.devices
+        reason = s.reason if not s.available else f"{name} does not run on {device} tensors here"
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(not runs, reason=reason)))
+    return params
+
+
+CPU_BACKENDS = backend_params("cpu", ("cpu", "triton"))
+GPU_BACKENDS = backend_params("cuda", ("cuda", "triton"))
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
+
+
+@pytest.fixture(scope="session")
+def clip_b32():
+    """Base + 8 fine-tuned CLIP ViT-B/32 state dicts in fp32 (~3 GB), built once."""
+    return clip_vit_models("B/32", 8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_b32_as(clip_b32):
+    """clip_b32 converted to a dtype, cached (one dtype kept at a time to bound memory)."""
+    cache = {}
+
+    def get(dtype):
+        if dtype == torch.float32:
+            return clip_b32
+        if dtype not in cache:
+            cache.clear()
+            base, models = clip_b32
+            cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
+            cache[dtype] = (cast(base), [cast(m) for m in models])
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def clip_tiny():
+    return clip_vit_models("tiny", 4, seed=1)
+
+
+def assert_dicts_equal(got, want):
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert got[key].shape == want[key].shape, key
+        assert torch.equal(got[key], want[key]), f"{key}: max diff {(got[key].double() - want[key].double()).abs().max()}"
