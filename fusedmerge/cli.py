@@ -1,0 +1,87 @@
+"""Command line: ``fusedmerge demo`` merges synthetic CLIP ViT checkpoints with every backend present and
+reports time, % of the measured bandwidth limit and the difference from the reference;
+``fusedmerge backends`` lists the backends and why any is missing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from . import average, backends, task_arithmetic
+from .perf import CopyLimit, best_time, merge_bytes
+from .synthetic import CLIP_VIT, clip_vit_models
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _max_diff(got, want) -> float:
+    return max(((got[k].double() - want[k].double()).abs().max().item() if want[k].numel() else 0.0) for k in want)
+
+
+def _bit_equal(got, want) -> bool:
+    return all(torch.equal(got[k], want[k]) for k in want)
+
+
+def demo(args) -> int:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    started = time.perf_counter()
+    base, models = clip_vit_models(args.model, args.models, dtype=dtype)
+    base = {k: v.to(device) for k, v in base.items()}
+    models = [{k: v.to(device) for k, v in m.items()} for m in models]
+    params = sum(v.numel() for v in base.values())
+    print(f"CLIP ViT-{args.model}: {params / 1e6:.1f}M parameters, base + {args.models} fine-tuned, {args.dtype}, "
+          f"on {device} (built in {time.perf_counter() - started:.1f} s)")
+
+    status = backends()
+    names = [n for n, s in status.items() if s.available and (n == "torch" or device.type in s.devices)]
+    for n, s in status.items():
+        if n not in names:
+            print(f"  backend {n}: skipped ({s.reason if not s.available else f'does not run on {device.type}'})")
+
+    ops = {
+        "average": (lambda b, out=None: average(models, backend=b, out=out), merge_bytes(models)),
+        "task_arithmetic": (lambda b, out=None: task_arithmetic(base, models, 0.3, backend=b, out=out),
+                            merge_bytes([base, *models])),
+    }
+    print(f"\n{'op':<16}{'backend':<9}{'time ms':>9}{'into out ms':>13}{'% of limit':>12}{'max |diff|':>12}  bit-equal")
+    for op, (run, nbytes) in ops.items():
+        limit = CopyLimit(nbytes, device).seconds(args.repeat)
+        reference = run("torch")
+        out = {k: torch.empty_like(v) for k, v in reference.items()}
+        for name in names:
+            got = run(name)
+            t = best_time(lambda: run(name), args.repeat, device)
+            t_out = best_time(lambda: run(name, out), args.repeat, device)
+            print(f"{op:<16}{name:<9}{t * 1e3:>9.1f}{t_out * 1e3:>13.1f}{100 * limit / t_out:>11.0f}%"
+                  f"{_max_diff(got, reference):>12.2e}  {'yes' if _bit_equal(got, reference) else 'NO'}")
+        print(f"{op:<16}{'copy':<9}{limit * 1e3:>9.1f}{'':>13}{'':>12}   limit: {nbytes / 1e9:.2f} GB moved, "
+              f"{nbytes / limit / 1e9:.1f} GB/s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedmerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="merge synthetic CLIP ViT checkpoints with every backend and report")
+    d.add_argument("--model", default="B/32", choices=sorted(CLIP_VIT))
+    d.add_argument("--models", type=int, default=8, help="fine-tuned models to merge (default 8)")
+    d.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the best is reported")
+    sub.add_parser("backends", help="list the backends and why any is missing")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.models < 1 or args.repeat < 1:
+            parser.error("--models and --repeat must be at least 1")
+        return demo(args)
+    for name, s in backends().items():
+        print(f"{name:<8}{'available' if s.available else 'missing':<11}{s.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
