@@ -1,0 +1,33 @@
+"""Markdown summary of a pytest-benchmark JSON from bench/: per group, each implementation's best time,
+its % of the copy limit measured in the same run, and its speed-up over the eager loop.
+
+    python bench/report.py bench/results/NAME.json > bench/results/NAME.md
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    info = data["machine_info"]
+    print(f"# {path}\n\ndevice: {info.get('device')} ({info.get('cores')} cores, {info.get('memory_gb')} GB), "
+          f"torch {info.get('torch')}, {data['datetime']}\n")
+    groups = defaultdict(dict)
+    for b in data["benchmarks"]:
+        groups[b["group"]][b["params"]["impl"]] = b
+    print("| group | implementation | best ms | % of copy limit | × faster than eager loop |")
+    print("|---|---|---:|---:|---:|")
+    for group, impls in groups.items():
+        copy = impls.get("copy")
+        eager = impls.get("fusionbench_loop") or impls.get("eager")
+        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["min"]):
+            t = b["stats"]["min"]
+            pct = f"{100 * copy['stats']['min'] / t:.0f}%" if copy else ""
+            speed = f"{eager['stats']['min'] / t:.1f}×" if eager else ""
+            print(f"| {group} | {name} | {t * 1e3:.1f} | {pct} | {speed} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,31 @@
+"""Benchmark workloads: CLIP ViT state dicts per (model, N, dtype) on the benchmark device, one
+configuration held at a time."""
+
+import os
+
+import torch
+
+from fusedmerge.synthetic import clip_vit_base
+
+DEVICE = torch.device(os.environ.get("FUSEDMERGE_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+_HELD = {}
+
+
+def memory_budget() -> int:
+    if DEVICE.type == "cuda":
+        return int(torch.cuda.mem_get_info(DEVICE)[0] * 0.8)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.7)
+
+
+def models(name: str, n: int, dtype: torch.dtype):
+    """Base + n variants on DEVICE. Variants are base + (i+1)·δ with one shared random δ per key: the
+    values don't matter for timing, and this keeps building large configurations fast."""
+    key = (name, n, dtype)
+    if key not in _HELD:
+        _HELD.clear()
+        base = {k: v.to(DEVICE) for k, v in clip_vit_base(name, dtype=dtype).items()}
+        g = torch.Generator().manual_seed(1)
+        delta = {k: (torch.randn(v.shape, generator=g) * 1e-3).to(DEVICE, dtype) for k, v in base.items()}
+        variants = [{k: base[k] + (i + 1) * delta[k] for k in base} for i in range(n)]
+        _HELD[key] = (base, variants)
+    return _HELD[key]
