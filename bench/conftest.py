@@ -12,9 +12,17 @@ from fusedmerge import backends  # noqa: E402
 from workloads import DEVICE  # noqa: E402
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
-    machine_info["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor()
+    machine_info["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else _cpu_name()
     machine_info["cores"] = os.cpu_count()
     machine_info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     machine_info["backends"] = {n: s.reason for n, s in backends().items()}

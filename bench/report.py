@@ -12,7 +12,8 @@ from collections import defaultdict
 def main(path: str) -> None:
     data = json.load(open(path))
     info = data["machine_info"]
-    print(f"# {path}\n\ndevice: {info.get('device')} ({info.get('cores')} cores, {info.get('memory_gb')} GB), "
+    device = info.get("device") or info.get("cpu", {}).get("brand_raw", "?")
+    print(f"# {path}\n\ndevice: {device} ({info.get('cores')} cores, {info.get('memory_gb')} GB), "
           f"torch {info.get('torch')}, {data['datetime']}\n")
     groups = defaultdict(dict)
     for b in data["benchmarks"]:

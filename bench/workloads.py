@@ -12,9 +12,11 @@ _HELD = {}
 
 
 def memory_budget() -> int:
+    """Bytes a configuration may hold: 45 % of the host memory, 60 % of the device's memory (not of what is free now, which
+    depends on the configuration still held from the previous test)."""
     if DEVICE.type == "cuda":
-        return int(torch.cuda.mem_get_info(DEVICE)[0] * 0.8)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.7)
+        return int(torch.cuda.get_device_properties(DEVICE).total_memory * 0.6)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.45)
 
 
 def models(name: str, n: int, dtype: torch.dtype):

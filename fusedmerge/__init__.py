@@ -1,7 +1,9 @@
 """fusedmerge: fused multi-tensor kernels for model merging."""
 
 from .dispatch import BackendStatus, backends
+from .dare import dare
 from .linear import average, task_arithmetic
+from .ties import ties
 
 __version__ = "0.1.0"
-__all__ = ["average", "task_arithmetic", "backends", "BackendStatus", "__version__"]
+__all__ = ["average", "task_arithmetic", "dare", "ties", "backends", "BackendStatus", "__version__"]

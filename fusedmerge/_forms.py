@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -152,39 +152,75 @@ def _check_out(key: str, out: torch.Tensor, like: torch.Tensor, sources: Sequenc
                              "it may only be one of the inputs itself or separate memory")
 
 
-def merge_linear(forms: Forms, coeffs: Sequence[float], base: Optional[StateDict], out_dtype, backend: str,
-                 out: Optional[StateDict] = None, arg: str = "inputs") -> StateDict:
-    """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.
-    With `out`, results are written into its tensors (which may be the inputs' own, as in an in-place merge)."""
+@dataclass
+class Terms:
+    """How one key's inputs enter the combination: coefficients, and the drop threshold and Philox keys."""
+
+    coeffs: Sequence[float]
+    threshold: int = 0
+    keys: Optional[Sequence[int]] = None
+
+
+@dataclass
+class Slot:
+    """One floating key to merge: where the result goes, and the tensors it is made of."""
+
+    key: str
+    out: torch.Tensor
+    inputs: List[torch.Tensor]
+    base: Optional[torch.Tensor]
+
+
+def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[StateDict] = None,
+            arg: str = "inputs") -> Tuple[StateDict, List[Slot]]:
+    """Check every key first (nothing is written when anything is wrong), then allocate the results (or take
+    them from `out`) and settle integer buffers. Returns the result dict and the floating keys to merge."""
     check_out_dtype(out_dtype)
     others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
     others += [(label, d) for label, d in (("base", base), ("out", out)) if d is not None]
     _check_keys(forms.dicts[0], others, arg)
     labels = [f"{arg}[{i}]" for i in range(len(forms.dicts))] + (["base"] if base is not None else [])
-    merged: StateDict = {}
-    jobs: Dict[torch.device, List[CombineJob]] = {}
+    agreed: StateDict = {}
     for key in forms.dicts[0]:
         xs = [d[key] for d in forms.dicts]
-        b = base[key] if base is not None else None
-        everything = xs + ([b] if b is not None else [])
+        everything = xs + ([base[key]] if base is not None else [])
         _check_key(key, everything, labels)
         if out is not None:
             _check_out(key, out[key], xs[0], everything, out_dtype)
         if not xs[0].is_floating_point():
-            merged[key] = _agreed(key, everything, labels)
-            if out is not None:
-                merged[key] = out[key].copy_(merged[key])
+            agreed[key] = _agreed(key, everything, labels)
+    merged: StateDict = {}
+    slots: List[Slot] = []
+    for key in forms.dicts[0]:
+        xs = [d[key] for d in forms.dicts]
+        b = base[key] if base is not None else None
+        if key in agreed:
+            merged[key] = out[key].copy_(agreed[key]) if out is not None else agreed[key]
             continue
         if out is not None:
             merged[key] = out[key]
         else:
             dtype = out_dtype
             if dtype is None:
-                dtype = everything[0].dtype
-                for t in everything[1:]:
-                    dtype = torch.promote_types(dtype, t.dtype)
+                for t in xs + ([b] if b is not None else []):
+                    dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
             merged[key] = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
-        jobs.setdefault(xs[0].device, []).append(CombineJob(merged[key], xs, b))
+        slots.append(Slot(key, merged[key], xs, b))
+    return merged, slots
+
+
+def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[str, torch.Tensor], Terms]],
+                 base: Optional[StateDict], out_dtype, backend: str, out: Optional[StateDict] = None) -> StateDict:
+    """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.
+    `terms` is one list of coefficients for every key, or a function of (key, tensor) giving its Terms.
+    With `out`, results are written into its tensors (which may be the inputs' own, as in an in-place merge)."""
+    terms_of = terms if callable(terms) else (lambda key, x, t=Terms(list(terms)): t)
+    merged, slots = prepare(forms, base, out_dtype, out)
+    jobs: Dict[torch.device, List[CombineJob]] = {}
+    for slot in slots:
+        t = terms_of(slot.key, slot.inputs[0])
+        job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys)
+        jobs.setdefault(slot.out.device, []).append(job)
     for device_jobs in jobs.values():
-        dispatch.combine(device_jobs, coeffs, backend)
+        dispatch.combine(device_jobs, backend)
     return merged

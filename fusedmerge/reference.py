@@ -1,10 +1,13 @@
 """The contract: plain-torch references that define every op's result, bit for bit.
 
-Linear combination (averaging, weighted averaging, task arithmetic) of one tensor, inputs x_0..x_{N-1},
-optional base b, coefficients c_i (Python floats, rounded once to the accumulation dtype)::
+Linear combination with optional random drop (averaging, weighted averaging, task arithmetic, DARE) of
+one tensor: inputs x_0..x_{N-1}, optional base b, coefficients c_i (Python floats, rounded once to the
+accumulation dtype) and, when a drop threshold T > 0 is set, keep_i = Philox word of (key_i, element) >= T
+(fusedmerge/philox.py)::
 
     d_i = x_i - b                     (d_i = x_i without a base)
-    acc = c_0*d_0 ; acc = acc + c_i*d_i  for i = 1..N-1     left fold, every operation rounded, no FMA
+    e_i = keep_i ? c_i*d_i : 0        (e_i = c_i*d_i without dropping)
+    acc = e_0 ; acc = acc + e_i  for i = 1..N-1     left fold, every operation rounded, no FMA
     out = round(b + acc)              (round(acc) without a base)
 
 The accumulation dtype is fp64 when the base or any input is fp64, else fp32; inputs are widened
@@ -19,14 +22,20 @@ from typing import Optional, Sequence
 
 import torch
 
+from .philox import keep_mask
+
 
 @dataclass
 class CombineJob:
-    """One output tensor of a multi-tensor launch: ``out = combine(inputs, base)``."""
+    """One output tensor of a multi-tensor launch: ``out = combine(inputs, base)`` with one coefficient,
+    and for dropping one Philox key, per input."""
 
     out: torch.Tensor
     inputs: Sequence[torch.Tensor]
+    coeffs: Sequence[float]
     base: Optional[torch.Tensor] = None
+    threshold: int = 0
+    keys: Optional[Sequence[int]] = None
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -34,16 +43,19 @@ class CombineJob:
         return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def combine_reference(job: CombineJob, coeffs: Sequence[float]) -> torch.Tensor:
+def combine_reference(job: CombineJob) -> torch.Tensor:
     """The linear combination of one job, computed in plain torch as the module docstring defines it."""
     acc_dtype = job.acc_dtype
     base = job.base.to(acc_dtype) if job.base is not None else None
     acc = None
-    for c, x in zip(coeffs, job.inputs):
+    for i, (c, x) in enumerate(zip(job.coeffs, job.inputs)):
         d = x.to(acc_dtype)
         if base is not None:
             d = d - base
         d = d * torch.tensor(c, dtype=acc_dtype, device=d.device)
+        if job.threshold:
+            keep = keep_mask(job.keys[i], d.numel(), job.threshold, d.device).reshape(d.shape)
+            d = torch.where(keep, d, torch.zeros((), dtype=acc_dtype, device=d.device))
         acc = d if acc is None else acc + d
     if base is not None:
         acc = base + acc
@@ -52,7 +64,121 @@ def combine_reference(job: CombineJob, coeffs: Sequence[float]) -> torch.Tensor:
     return acc.to(job.out.dtype)
 
 
-def combine(jobs: Sequence[CombineJob], coeffs: Sequence[float]) -> None:
+def combine(jobs: Sequence[CombineJob]) -> None:
     """Backend entry point of the reference: writes every job's output."""
     for job in jobs:
-        job.out.copy_(combine_reference(job, coeffs))
+        job.out.copy_(combine_reference(job))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TIES: trim, elect sign, disjoint merge
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TiesSpec:
+    """Options of one TIES merge, resolved to numbers (see fusedmerge/ties.py for their meaning)."""
+
+    weights: Sequence[float]
+    scaling: float
+    ks: Sequence[Sequence[int]]  # per scope, per model: how many of the largest |τ| are kept (magnitude trim)
+    scope: str = "tensor"  # "tensor": one scope per job; "model": one scope over all jobs
+    elect: str = "sum"  # "sum" | "count"
+    merge: str = "sum"  # "sum" | "mean" | "max"
+    weighted_vote: bool = True
+    vote_tie: str = "+"  # "+" | "majority"
+    drop_threshold: int = 0  # DARE-TIES: random drop instead of the magnitude trim
+    drop_rescale: float = 1.0
+    keys: Optional[Sequence[Sequence[int]]] = None  # per job, per model Philox keys (DARE-TIES)
+
+
+def magnitude_bits(t: torch.Tensor) -> torch.Tensor:
+    """|t| as ordered integers (the bit pattern of a non-negative float orders like its value; NaN largest)."""
+    ints = torch.int64 if t.dtype == torch.float64 else torch.int32
+    return t.abs().view(ints).reshape(-1).to(torch.int64)
+
+
+def ties_thresholds_reference(taus: Sequence[Sequence[torch.Tensor]], spec: TiesSpec) -> list:
+    """Per scope and model, the magnitude (as bits) of the k-th largest |τ| — by a full sort."""
+    scopes = [[i] for i in range(len(taus))] if spec.scope == "tensor" else [list(range(len(taus)))]
+    out = []
+    for s, jobs in enumerate(scopes):
+        row = []
+        for m in range(len(spec.weights)):
+            bits = torch.cat([magnitude_bits(taus[j][m]) for j in jobs])
+            row.append(int(torch.sort(bits, descending=True).values[spec.ks[s][m] - 1]))
+        out.append(row)
+    return out
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    """+1, −1 or 0 (for 0 and NaN), in x's dtype."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def ties_reference(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
+    """TIES of every job, written to job.out. Per element, in the accumulation dtype (left folds over the
+    models, each operation rounded)::
+
+        τᵢ = xᵢ − b
+        τ̂ᵢ = τᵢ if |τᵢ| ≥ tᵢ (k-th largest |τᵢ| of the scope)   — or, for DARE-TIES, keepᵢ ? τᵢ·r : 0
+        vᵢ = wᵢ·τ̂ᵢ  (weighted_vote)  or  τ̂ᵢ
+        s  = v₀ + v₁ + …  (elect="sum")  or  sign(v₀) + sign(v₁) + …  (elect="count");  σ = sign(s)
+        σ  = +1 where s = 0 (vote_tie="+"),  or the sign of Σ sign(s) over the whole state dict ("majority")
+        agreeᵢ = sign(vᵢ) = σ ≠ 0;   uᵢ = τ̂ᵢ·wᵢ          (sign(NaN) = 0)
+        m  = Σ agreeᵢ·uᵢ  ("sum");  that / Σ agreeᵢ·wᵢ (0 if that is 0) ("mean");  σ·max agreeᵢ·|uᵢ| ("max")
+        out = round(b + λ·m)
+    """
+    acc_dtypes = [job.acc_dtype for job in jobs]
+    taus = [[x.to(a) - job.base.to(a) for x in job.inputs] for job, a in zip(jobs, acc_dtypes)]
+    thresholds = ties_thresholds_reference(taus, spec) if spec.drop_threshold == 0 else None
+    elected, votes = [], []
+    for j, (job, acc) in enumerate(zip(jobs, acc_dtypes)):
+        c = lambda v: torch.tensor(v, dtype=acc, device=job.base.device)  # noqa: E731
+        trimmed = []
+        for m, tau in enumerate(taus[j]):
+            if thresholds is not None:
+                scope = j if spec.scope == "tensor" else 0
+                keep = magnitude_bits(tau).reshape(tau.shape) >= thresholds[scope][m]
+                trimmed.append(torch.where(keep, tau, c(0.0)))
+            else:
+                keep = keep_mask(spec.keys[j][m], tau.numel(), spec.drop_threshold, tau.device).reshape(tau.shape)
+                scaled = tau * c(spec.drop_rescale) if spec.drop_rescale != 1.0 else tau
+                trimmed.append(torch.where(keep, scaled, c(0.0)))
+        v = [t * c(w) for t, w in zip(trimmed, spec.weights)] if spec.weighted_vote else trimmed
+        s = v[0] if spec.elect == "sum" else _sign(v[0])
+        for vi in v[1:]:
+            s = s + (vi if spec.elect == "sum" else _sign(vi))
+        elected.append(_sign(s))
+        votes.append((trimmed, v))
+    if spec.vote_tie == "majority":
+        total = sum(int(e.sum()) for e in elected)
+        tie_sign = (total > 0) - (total < 0)
+    else:
+        tie_sign = 1
+    for job, acc, sigma, (trimmed, v) in zip(jobs, acc_dtypes, elected, votes):
+        c = lambda x: torch.tensor(x, dtype=acc, device=job.base.device)  # noqa: E731
+        sigma = torch.where(sigma == 0, c(float(tie_sign)), sigma)
+        agree = [((vi > 0) & (sigma > 0)) | ((vi < 0) & (sigma < 0)) for vi in v]
+        u = [t * c(w) for t, w in zip(trimmed, spec.weights)]
+        if spec.merge == "max":
+            m = None
+            for a, ui in zip(agree, u):
+                mag = torch.where(a, ui.abs(), c(0.0))
+                m = mag if m is None else torch.maximum(m, mag)
+            merged = sigma * m
+        else:
+            merged = None
+            for a, ui in zip(agree, u):
+                term = torch.where(a, ui, c(0.0))
+                merged = term if merged is None else merged + term
+            if spec.merge == "mean":
+                den = None
+                for a, w in zip(agree, spec.weights):
+                    term = torch.where(a, c(w), c(0.0))
+                    den = term if den is None else den + term
+                merged = torch.where(den != 0, merged / torch.where(den != 0, den, c(1.0)), c(0.0))
+        result = job.base.to(acc) + merged * c(spec.scaling)
+        if acc == torch.float64 and job.out.dtype in (torch.float16, torch.bfloat16):
+            result = result.to(torch.float32)
+        job.out.copy_(result.to(job.out.dtype))

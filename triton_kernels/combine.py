@@ -1,8 +1,11 @@
-"""Multi-tensor linear combination in Triton, driven by the int64 table of csrc/cpu/combine_cpu.h.
+"""Multi-tensor linear combination with optional random drop (DARE) in Triton, driven by the int64 table
+of csrc/cpu/combine_cpu.h.
 
-For each tile (tensor t, elements start..start+BLOCK) and inputs x_i of that tensor, base b, coeffs c_i::
+For each tile (tensor t, elements start..start+BLOCK) and inputs x_i of that tensor, base b, coeffs c_i,
+drop threshold T and Philox keys k_i (keep_i[j] = word j % 4 of randint4x(k_i, j // 4) >= T)::
 
-    acc = c_0*(x_0 - b) ; acc = acc + c_i*(x_i - b)   (no base: x_i alone; fp32 or fp64, left fold)
+    e_i = keep_i ? c_i*(x_i - b) : 0                 (no base: x_i alone; no drop when T = 0)
+    acc = e_0 ; acc = acc + e_i                       (fp32 or fp64, left fold)
     out = round_to_nearest_even(b + acc)
 
 Input, base and output dtypes are read from the table at run time (a uniform branch per tile); pointers
@@ -57,39 +60,55 @@ def _store_rounded(addr, code, offs, mask, v):
 
 
 @triton.jit
-def _term(row, i, coeff_ptr, b, offs, mask, HAS_BASE: tl.constexpr, ACC_F64: tl.constexpr):
-    x = _load_acc(tl.load(row + 5 + 2 * i), tl.load(row + 6 + 2 * i), offs, mask, ACC_F64)
-    if HAS_BASE:
-        x = x - b
-    c = tl.load(coeff_ptr + i)
-    if not ACC_F64:
-        c = c.to(tl.float32)
-    return x * c
+def _words(key, start, BLOCK: tl.constexpr):
+    """Philox word of each element start..start+BLOCK: one randint4x call serves 4 consecutive elements."""
+    calls = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    w0, w1, w2, w3 = tl.randint4x(key, calls)
+    # join adds a minor axis: [i, a, b] = (w0, w2 | w1, w3)[b][a] flattens to w0, w1, w2, w3 per call
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK,))
 
 
 @triton.jit
-def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, coeff_ptr, N: tl.constexpr,
-                   ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+def _term(row, i, b, start, offs, mask, threshold, HAS_BASE: tl.constexpr, ACC_F64: tl.constexpr,
+          BLOCK: tl.constexpr):
+    x = _load_acc(tl.load(row + 6 + 4 * i), tl.load(row + 7 + 4 * i), offs, mask, ACC_F64)
+    if HAS_BASE:
+        x = x - b
+    c = tl.load(row + 8 + 4 * i).to(tl.float64, bitcast=True)
+    if not ACC_F64:
+        c = c.to(tl.float32)
+    x = x * c
+    if threshold != 0:
+        keep = _words(tl.load(row + 9 + 4 * i), start, BLOCK) >= threshold.to(tl.uint32)
+        x = tl.where(keep, x, 0.0)
+    return x
+
+
+@triton.jit
+def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, ACC_F64: tl.constexpr,
+                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(tile_tensor_ptr + pid) * (5 + 2 * N)
-    offs = tl.load(tile_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    row = table_ptr + tl.load(tile_tensor_ptr + pid) * (6 + 4 * N)
+    start = tl.load(tile_start_ptr + pid)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(row + 2)
     base_addr = tl.load(row + 3)
+    threshold = tl.load(row + 5)
     if base_addr != 0:
         b = _load_acc(base_addr, tl.load(row + 4), offs, mask, ACC_F64)
-        acc = _term(row, 0, coeff_ptr, b, offs, mask, True, ACC_F64)
+        acc = _term(row, 0, b, start, offs, mask, threshold, True, ACC_F64, BLOCK)
         for i in tl.static_range(1, N):
-            acc = acc + _term(row, i, coeff_ptr, b, offs, mask, True, ACC_F64)
+            acc = acc + _term(row, i, b, start, offs, mask, threshold, True, ACC_F64, BLOCK)
         acc = b + acc
     else:
-        acc = _term(row, 0, coeff_ptr, 0.0, offs, mask, False, ACC_F64)
+        acc = _term(row, 0, 0.0, start, offs, mask, threshold, False, ACC_F64, BLOCK)
         for i in tl.static_range(1, N):
-            acc = acc + _term(row, i, coeff_ptr, 0.0, offs, mask, False, ACC_F64)
+            acc = acc + _term(row, i, 0.0, start, offs, mask, threshold, False, ACC_F64, BLOCK)
     _store_rounded(tl.load(row), tl.load(row + 1), offs, mask, acc)
 
 
-def launch(table, tile_tensor, tile_start, coeffs, *, n_inputs, acc_f64, block):
-    """One launch over all tiles; tensors are on the kernel's device."""
+def launch(table, tile_tensor, tile_start, *, n_inputs, acc_f64, block):
+    """One launch over all tiles; tensors are on the kernel's device. Tile starts are multiples of 4."""
     grid = (tile_tensor.numel(),)
-    combine_kernel[grid](table, tile_tensor, tile_start, coeffs, N=n_inputs, ACC_F64=acc_f64, BLOCK=block,
+    combine_kernel[grid](table, tile_tensor, tile_start, N=n_inputs, ACC_F64=acc_f64, BLOCK=block,
                          num_warps=8, enable_fp_fusion=False)

@@ -1,9 +1,11 @@
-// Multi-tensor linear combination on the CPU, compiled once per ISA level (namespace FM_ISA).
+// Multi-tensor linear combination with optional random drop (DARE), on the CPU, compiled once per ISA
+// level (namespace FM_ISA).
 //
-// For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b and
-// coefficients c_i:
+// For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b,
+// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = philox word of (key_i, j) >= T:
 //     d_i = x_i[j] - b[j]            (d_i = x_i[j] without a base)
-//     acc = c_0*d_0;  acc = acc + c_i*d_i  for i = 1..N-1   (left fold, one rounding per operation)
+//     e_i = keep_i[j] ? c_i*d_i : 0  (e_i = c_i*d_i without dropping)
+//     acc = e_0;  acc = acc + e_i  for i = 1..N-1   (left fold, one rounding per operation)
 //     out[j] = round(b[j] + acc)     (round(acc) without a base)
 // in fp32 (fp64 when an input is fp64). Work is split into fixed chunks over all tensors, so mixed
 // shapes balance across threads; each chunk keeps its accumulator in L1 and streams every input once.
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "../numerics.h"
+#include "../philox.h"
 #include "combine_cpu.h"
 
 namespace fm {
@@ -45,14 +48,25 @@ void load(Acc* dst, const void* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<Acc>(widen(x[j]));
 }
 
-// acc (=|+=) c * (x - b)
-template <typename Acc, typename T, bool First, bool HasBase>
-void fold(Acc* __restrict acc, const void* src, const Acc* __restrict b, Acc c, int64_t n) {
+// The Philox words of elements [start, start + n) of one (model, tensor); start is a multiple of 4.
+void philox_words(uint32_t* __restrict words, uint64_t key, int64_t start, int64_t n) {
+  const int64_t first_call = start / kElementsPerCall;
+  for (int64_t c = 0; c < (n + kElementsPerCall - 1) / kElementsPerCall; ++c) {
+    const Words4 w = philox4x32_10(static_cast<uint64_t>(first_call + c), key);
+    for (int r = 0; r < 4; ++r) words[4 * c + r] = w.w[r];
+  }
+}
+
+// acc (=|+=) keep ? c * (x - b) : 0
+template <typename Acc, typename T, bool First, bool HasBase, bool Drop>
+void fold(Acc* __restrict acc, const void* src, const Acc* __restrict b, Acc c, int64_t n,
+          const uint32_t* __restrict words, uint32_t threshold) {
   const T* __restrict x = static_cast<const T*>(src);
   for (int64_t j = 0; j < n; ++j) {
     Acc v = static_cast<Acc>(widen(x[j]));
     if (HasBase) v = v - b[j];
     v = v * c;
+    if (Drop) v = words[j] >= threshold ? v : Acc(0);
     acc[j] = First ? v : acc[j] + v;
   }
 }
@@ -83,19 +97,22 @@ void dispatch_dtype(int64_t dt, F&& f) {
   }
 }
 
-template <typename Acc, bool HasBase>
-void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n) {
+template <typename Acc, bool HasBase, bool Drop>
+void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n,
+                const uint32_t* words, uint32_t threshold) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (first) fold<Acc, T, true, HasBase>(acc, x, b, c, n);
-    else fold<Acc, T, false, HasBase>(acc, x, b, c, n);
+    if (first) fold<Acc, T, true, HasBase, Drop>(acc, x, b, c, n, words, threshold);
+    else fold<Acc, T, false, HasBase, Drop>(acc, x, b, c, n, words, threshold);
   });
 }
 
 template <typename Acc>
-void combine_chunk(const TableRow& row, int64_t n_inputs, const double* coeffs, int64_t start, int64_t n) {
+void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n) {
   alignas(64) Acc acc[kChunk];
   alignas(64) Acc b[kChunk];
+  alignas(64) uint32_t words[kChunk];
+  const uint32_t threshold = row.drop_threshold();
   const bool has_base = row.base() != nullptr;
   if (has_base) {
     const char* p = static_cast<const char*>(row.base()) + start * dtype_size(row.base_dtype());
@@ -103,9 +120,17 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, const double* coeffs, 
   }
   for (int64_t i = 0; i < n_inputs; ++i) {
     const char* x = static_cast<const char*>(row.input(i)) + start * dtype_size(row.input_dtype(i));
-    const Acc c = static_cast<Acc>(coeffs[i]);
-    if (has_base) fold_input<Acc, true>(i == 0, row.input_dtype(i), acc, x, b, c, n);
-    else fold_input<Acc, false>(i == 0, row.input_dtype(i), acc, x, b, c, n);
+    const Acc c = static_cast<Acc>(row.coeff(i));
+    const int64_t dt = row.input_dtype(i);
+    if (threshold != 0) {
+      philox_words(words, row.key(i), start, n);
+      if (has_base) fold_input<Acc, true, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
+      else fold_input<Acc, false, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
+    } else if (has_base) {
+      fold_input<Acc, true, false>(i == 0, dt, acc, x, b, c, n, words, threshold);
+    } else {
+      fold_input<Acc, false, false>(i == 0, dt, acc, x, b, c, n, words, threshold);
+    }
   }
   char* o = static_cast<char*>(row.out()) + start * dtype_size(row.out_dtype());
   dispatch_dtype(row.out_dtype(), [&](auto tag) { store<Acc, typename decltype(tag)::type>(o, acc, b, has_base, n); });
@@ -113,7 +138,7 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, const double* coeffs, 
 
 }  // namespace
 
-void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const double* coeffs) {
+void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   std::vector<int64_t> first_chunk(n_tensors + 1, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
     const TableRow row(table, n_inputs, t);
@@ -126,8 +151,8 @@ void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const do
     const TableRow row(table, n_inputs, t);
     const int64_t start = (g - first_chunk[t]) * kChunk;
     const int64_t n = std::min(kChunk, row.numel() - start);
-    if (row.accumulates_in_f64(n_inputs)) combine_chunk<double>(row, n_inputs, coeffs, start, n);
-    else combine_chunk<float>(row, n_inputs, coeffs, start, n);
+    if (row.accumulates_in_f64(n_inputs)) combine_chunk<double>(row, n_inputs, start, n);
+    else combine_chunk<float>(row, n_inputs, start, n);
   }
 }
 

@@ -1,27 +1,31 @@
 // Runtime choice of the CPU kernel variant: the wheel carries baseline x86-64, x86-64-v3 (AVX2, FMA
-// unused) and x86-64-v4 (AVX-512) builds of the same source and runs the best one this CPU supports.
+// unused) and x86-64-v4 (AVX-512) builds of the same sources and runs the best one this CPU supports.
 #include "combine_cpu.h"
+#include "ties_cpu.h"
 
 namespace fm {
 namespace {
 
-using CombineFn = void (*)(const int64_t*, int64_t, int64_t, const double*);
-
 struct Variant {
   const char* name;
-  CombineFn combine;
+  decltype(&baseline::combine) combine;
+  decltype(&baseline::ties_select) ties_select;
+  decltype(&baseline::ties_sign_sum) ties_sign_sum;
+  decltype(&baseline::ties_merge) ties_merge;
 };
+
+#define FM_VARIANT(ns) {#ns, ns::combine, ns::ties_select, ns::ties_sign_sum, ns::ties_merge}
 
 Variant select_variant() {
 #if defined(FM_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return {"avx512", avx512::combine};
+    return FM_VARIANT(avx512);
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2"))
-    return {"avx2", avx2::combine};
+    return FM_VARIANT(avx2);
 #endif
-  return {"baseline", baseline::combine};
+  return FM_VARIANT(baseline);
 }
 
 const Variant& variant() {
@@ -33,8 +37,23 @@ const Variant& variant() {
 
 const char* cpu_isa() { return variant().name; }
 
-void cpu_combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const double* coeffs) {
-  variant().combine(table, n_tensors, n_inputs, coeffs);
+void cpu_combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
+  variant().combine(table, n_tensors, n_inputs);
+}
+
+void cpu_ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool model_scope, const int64_t* ks,
+                     uint32_t* thresholds) {
+  variant().ties_select(table, n_tensors, n_inputs, model_scope, ks, thresholds);
+}
+
+int64_t cpu_ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
+                          const uint32_t* thresholds) {
+  return variant().ties_sign_sum(table, n_tensors, n_inputs, p, thresholds);
+}
+
+void cpu_ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
+                    const uint32_t* thresholds, float tie_sign) {
+  variant().ties_merge(table, n_tensors, n_inputs, p, thresholds, tie_sign);
 }
 
 }  // namespace fm

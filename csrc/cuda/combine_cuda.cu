@@ -1,10 +1,11 @@
-// Multi-tensor linear combination on CUDA: the same formula as csrc/cpu/combine_cpu.cpp,
-//     out[j] = round(b[j] + (((c_0*(x_0[j]-b[j])) + c_1*(x_1[j]-b[j])) + ...))
+// Multi-tensor linear combination with optional random drop (DARE) on CUDA: the formula of
+// csrc/cpu/combine_cpu.cpp,
+//     out[j] = round(b[j] + ((e_0 + e_1) + ...)),  e_i = keep_i[j] ? c_i*(x_i[j]-b[j]) : 0
 // with explicitly rounded (_rn) operations so nvcc cannot contract them into FMAs.
 //
 // One launch serves the whole table: a grid-stride loop over tiles of kTile elements; each tile finds its
-// tensor by binary search over the per-tensor tile prefix. Loads are coalesced (thread k reads element
-// k, k+kThreads, ...) and each thread keeps kPerThread accumulators in registers.
+// tensor by binary search over the per-tensor tile prefix. Each thread owns kGroups groups of 4
+// consecutive elements (one Philox call covers a group), groups of a warp are contiguous in memory.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -12,13 +13,15 @@
 #include <algorithm>
 
 #include "../cpu/combine_cpu.h"
+#include "../philox.h"
 #include "combine_cuda.h"
 
 namespace fm {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 8;
+constexpr int kGroups = 2;
+constexpr int kPerThread = 4 * kGroups;
 constexpr int64_t kTile = int64_t(kThreads) * kPerThread;
 
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
@@ -28,42 +31,56 @@ __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
+// Element k of this thread's share of the tile starting at `start`.
+__device__ __forceinline__ int64_t element(int64_t start, int k) {
+  return start + (int64_t(k / 4) * kThreads + threadIdx.x) * 4 + (k % 4);
+}
+
 template <typename Acc>
-__device__ void combine_tile(const TableRow& row, int64_t n_inputs, const double* coeffs, int64_t start) {
+__device__ void combine_tile(const TableRow& row, int64_t n_inputs, int64_t start) {
   const int64_t numel = row.numel();
   const bool has_base = row.base() != nullptr;
+  const uint32_t threshold = row.drop_threshold();
   Acc acc[kPerThread];
   Acc b[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
+    const int64_t j = element(start, k);
     b[k] = (has_base && j < numel) ? load_as<Acc>(row.base(), row.base_dtype(), j) : Acc(0);
   }
   for (int64_t i = 0; i < n_inputs; ++i) {
     const void* x = row.input(i);
     const int64_t dt = row.input_dtype(i);
-    const Acc c = static_cast<Acc>(coeffs[i]);
+    const Acc c = static_cast<Acc>(row.coeff(i));
+    const uint64_t key = row.key(i);
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
-      if (j < numel) {
-        Acc v = load_as<Acc>(x, dt, j);
-        if (has_base) v = sub_rn(v, b[k]);
-        v = mul_rn(v, c);
-        acc[k] = i == 0 ? v : add_rn(acc[k], v);
+    for (int g = 0; g < kGroups; ++g) {
+      Words4 words = {{0, 0, 0, 0}};
+      if (threshold != 0 && element(start, 4 * g) < numel)
+        words = philox4x32_10(static_cast<uint64_t>(element(start, 4 * g) / 4), key);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int k = 4 * g + r;
+        const int64_t j = element(start, k);
+        if (j < numel) {
+          Acc v = load_as<Acc>(x, dt, j);
+          if (has_base) v = sub_rn(v, b[k]);
+          v = mul_rn(v, c);
+          if (threshold != 0 && words.w[r] < threshold) v = Acc(0);
+          acc[k] = i == 0 ? v : add_rn(acc[k], v);
+        }
       }
     }
   }
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
+    const int64_t j = element(start, k);
     if (j < numel) store_as<Acc>(row.out(), row.out_dtype(), j, has_base ? add_rn(b[k], acc[k]) : acc[k]);
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
-combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs,
-               const double* coeffs) {
+combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs) {
   const int64_t total = first_tile[n_tensors];
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     int64_t lo = 0, hi = n_tensors;  // find t with first_tile[t] <= tile < first_tile[t+1]
@@ -73,8 +90,8 @@ combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensor
     }
     const TableRow row(table, n_inputs, lo);
     const int64_t start = (tile - first_tile[lo]) * kTile;
-    if (row.accumulates_in_f64(n_inputs)) combine_tile<double>(row, n_inputs, coeffs, start);
-    else combine_tile<float>(row, n_inputs, coeffs, start);
+    if (row.accumulates_in_f64(n_inputs)) combine_tile<double>(row, n_inputs, start);
+    else combine_tile<float>(row, n_inputs, start);
   }
 }
 
@@ -99,11 +116,10 @@ void cuda_combine(const int64_t* block, int64_t n_tensors, int64_t n_inputs, int
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  const int64_t* first_tile = block + n_tensors * (5 + 2 * n_inputs);
-  const double* coeffs = reinterpret_cast<const double*>(first_tile + n_tensors + 1);
+  const int64_t* first_tile = block + n_tensors * table_width(n_inputs);
   const int64_t grid = std::min<int64_t>(total_tiles, int64_t(sms) * 8);
   combine_kernel<<<static_cast<unsigned>(grid), kThreads, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
-      block, first_tile, n_tensors, n_inputs, coeffs);
+      block, first_tile, n_tensors, n_inputs);
   check(cudaGetLastError(), "combine_kernel launch");
 }
 

@@ -107,15 +107,34 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def combine(jobs: Sequence[CombineJob], coeffs: Sequence[float], backend: str) -> None:
-    """Run linear-combination jobs (all on one device) on `backend`; jobs no kernel handles (other dtypes)
-    and empty tensors go to the torch reference, which defines the result anyway."""
+def combine(jobs: Sequence[CombineJob], backend: str) -> None:
+    """Run linear-combination jobs (all on one device, all with the same number of inputs) on `backend`;
+    jobs no kernel handles (other dtypes) go to the torch reference, which defines the result anyway."""
     jobs = [j for j in jobs if j.out.numel() > 0]
     if not jobs:
         return
     name = resolve(backend, jobs[0].out.device)
     fused = [j for j in jobs if name != "torch" and kernel_supports(j)]
     if fused:
-        _import(name).combine(fused, coeffs)
+        _import(name).combine(fused)
     if len(fused) < len(jobs):
-        reference.combine([j for j in jobs if not (name != "torch" and kernel_supports(j))], coeffs)
+        reference.combine([j for j in jobs if not (name != "torch" and kernel_supports(j))])
+
+
+def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
+    """TIES over all `jobs` (one device) on `backend`; the reference runs it where no kernel applies (fp64
+    or unsupported dtypes, or a backend without a TIES kernel under "auto")."""
+    jobs = [j for j in jobs if j.out.numel() > 0]
+    if not jobs:
+        return
+    name = resolve(backend, jobs[0].out.device)
+    module = _import(name) if name != "torch" else None
+    fits = all(kernel_supports(j) and j.acc_dtype == torch.float32 for j in jobs)
+    if module is not None and not hasattr(module, "ties"):
+        if backend != "auto" or os.environ.get(ENV_VAR, "auto") not in ("", "auto"):
+            raise RuntimeError(f"backend {name!r} has no TIES kernel yet; use backend='torch' or 'cpu'")
+        module = None
+    if module is not None and fits:
+        module.ties(jobs, spec)
+    else:
+        reference.ties_reference(jobs, spec)

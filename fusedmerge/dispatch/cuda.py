@@ -1,5 +1,5 @@
 """CUDA backend: one launch for a whole table of tensors on the caller's current stream
-(csrc/cuda/combine_cuda.cu). The table, tile prefix and coefficients travel as one pinned block."""
+(csrc/cuda/combine_cuda.cu). The table and the tile prefix travel as one pinned block."""
 
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ from ..reference import CombineJob
 from ._table import build_table
 
 
-def combine(jobs: Sequence[CombineJob], coeffs: Sequence[float]) -> None:
+def combine(jobs: Sequence[CombineJob]) -> None:
     device = jobs[0].out.device
     table, keep = build_table(jobs)
     tiles = (table[:, 2] + _cuda.TILE - 1) // _cuda.TILE
     first_tile = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(tiles, 0)])
-    coeff_bits = torch.tensor(list(coeffs), dtype=torch.float64).view(torch.int64)
-    block = torch.cat([table.flatten(), first_tile, coeff_bits]).pin_memory()
+    block = torch.cat([table.flatten(), first_tile]).pin_memory()
     with torch.cuda.device(device):
         dev_block = block.to(device, non_blocking=True)
         stream = torch.cuda.current_stream(device).cuda_stream
-        _cuda.combine(dev_block.data_ptr(), len(jobs), len(coeffs), int(first_tile[-1]), stream)
+        _cuda.combine(dev_block.data_ptr(), len(jobs), len(jobs[0].inputs), int(first_tile[-1]), stream)
     # The caching allocator orders reuse of dev_block and the inputs' copies on this stream.
     del keep, dev_block

@@ -17,14 +17,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def combine(jobs: Sequence[CombineJob], coeffs: Sequence[float]) -> None:
+def combine(jobs: Sequence[CombineJob]) -> None:
     for acc_f64 in (False, True):
         group = [j for j in jobs if (j.acc_dtype == torch.float64) == acc_f64]
         if group:
-            _launch(group, coeffs, acc_f64)
+            _launch(group, acc_f64)
 
 
-def _launch(jobs: Sequence[CombineJob], coeffs: Sequence[float], acc_f64: bool) -> None:
+def _launch(jobs: Sequence[CombineJob], acc_f64: bool) -> None:
     device = jobs[0].out.device
     block = kernels.BLOCK_INTERPRETER if device.type == "cpu" else kernels.BLOCK
     table, keep = build_table(jobs)
@@ -34,6 +34,6 @@ def _launch(jobs: Sequence[CombineJob], coeffs: Sequence[float], acc_f64: bool) 
     tile_start = (torch.arange(tile_tensor.numel(), dtype=torch.int64) - first[tile_tensor]) * block
     if tile_tensor.numel() == 0:
         return
-    args = [t.to(device) for t in (table, tile_tensor, tile_start, torch.tensor(list(coeffs), dtype=torch.float64))]
-    kernels.launch(*args, n_inputs=len(coeffs), acc_f64=acc_f64, block=block)
+    args = [t.to(device) for t in (table, tile_tensor, tile_start)]
+    kernels.launch(*args, n_inputs=len(jobs[0].inputs), acc_f64=acc_f64, block=block)
     del keep

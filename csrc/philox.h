@@ -1,0 +1,41 @@
+// Philox4x32-10 (Random123), the stream of Triton's tl.randint4x, for C++ host and CUDA device code.
+// Counter (c0, c1, c2, c3), key (k0, k1); ten rounds of
+//   c0' = hi(B*c2) ^ c1 ^ k0;  c1' = lo(B*c2);  c2' = hi(A*c0) ^ c3 ^ k1;  c3' = lo(A*c0);
+//   k0 += 0x9E3779B9;  k1 += 0xBB67AE85        (A = 0xD2511F53, B = 0xCD9E8D57)
+// Drop masks (fusedmerge/philox.py): element j uses word j % 4 of the call with counter
+// (j/4 mod 2^32, j/2^34, 0, 0) and is dropped when that word < T = floor(p * 2^32).
+#pragma once
+#include <cstdint>
+
+#include "numerics.h"
+
+namespace fm {
+
+constexpr int64_t kElementsPerCall = 4;
+
+struct Words4 {
+  uint32_t w[4];
+};
+
+FM_HD Words4 philox4x32_10(uint64_t call, uint64_t key) {
+  uint32_t c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+}  // namespace fm

@@ -1,0 +1,126 @@
+"""DARE: masks and results equal on every backend and to the reference, statistics of the masks, and
+invariance to key order, batching and backend."""
+
+import math
+
+import pytest
+import torch
+
+import fusedmerge
+from conftest import CPU_BACKENDS, assert_dicts_equal
+from fusedmerge.philox import drop_threshold, keep_mask, mask_key
+
+
+def _ones_masks(p, names, n, numel, backend, seed=0):
+    """With θ0 = 0, θᵢ = 1 and one model at a time, DARE without rescale returns model i's keep mask."""
+    sd = {name: torch.ones(numel) for name in names}
+    zero = {name: torch.zeros(numel) for name in names}
+    masks = []
+    for i in range(n):
+        w = [1.0 if j == i else 0.0 for j in range(n)]
+        masks.append(fusedmerge.dare(zero, [sd] * n, p, weights=w, rescale=False, seed=seed, backend=backend))
+    return masks
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_BACKENDS)
+def test_masks_are_the_philox_masks(backend):
+    names = ["a.weight", "b.bias"]
+    masks = _ones_masks(0.3, names, 3, 10_007, backend, seed=11)
+    for i, m in enumerate(masks):
+        for name in names:
+            want = keep_mask(mask_key(11, i, name), 10_007, drop_threshold(0.3)).float()
+            assert torch.equal(m[name], want), (i, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backends_equal_reference_on_vit_b32_block(clip_b32_as, backend, dtype):
+    base, models = clip_b32_as(dtype)
+    keys = [k for k in base if "embeddings" in k or "layers.0.self_attn.q" in k or "layers.0.layer_norm" in k]
+    pick = lambda sd: {k: sd[k] for k in keys}  # noqa: E731
+    base, models = pick(base), [pick(m) for m in models]
+    for kwargs in (dict(p=0.9, scaling=1 / 8), dict(p=0.5, weights=[1, 2, 3, 4, 5, 6, 7, 8], linear_only=True, seed=3)):
+        got = fusedmerge.dare(base, models, backend=backend, **kwargs)
+        assert_dicts_equal(got, fusedmerge.dare(base, models, backend="torch", **kwargs))
+
+
+def test_cpu_backend_on_full_vit_b32_is_reproducible_and_unbiased(clip_b32):
+    base, models = clip_b32
+    got = fusedmerge.dare(base, models, 0.9, scaling=1 / 8, backend="cpu", seed=5)
+    again = fusedmerge.dare(base, models, 0.9, scaling=1 / 8, backend="cpu", seed=5)
+    assert_dicts_equal(got, again)
+    other = fusedmerge.dare(base, models, 0.9, scaling=1 / 8, backend="cpu", seed=6)
+    key = "vision_model.encoder.layers.3.mlp.fc1.weight"
+    assert not torch.equal(got[key], other[key])
+    # E[DARE] = task arithmetic: the mean delta over a 2.4M-element tensor agrees within a few σ
+    ta = fusedmerge.task_arithmetic(base, models, 1 / 8)
+    d_dare = (got[key].double() - base[key].double()).mean()
+    d_ta = (ta[key].double() - base[key].double()).mean()
+    tau = torch.stack([m[key].double() - base[key].double() for m in models])
+    sigma = math.sqrt(0.9 / 0.1 * (tau**2).sum().item() / 64) / got[key].numel()
+    assert abs(d_dare - d_ta) < 6 * sigma
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_BACKENDS)
+def test_keep_rate_within_binomial_bound(backend):
+    n = 400_000
+    for p in (0.1, 0.5, 0.9, 0.99):
+        (m,) = _ones_masks(p, ["w"], 1, n, backend, seed=2)
+        kept = m["w"].sum().item()
+        q = 1 - drop_threshold(p) / 2**32
+        assert abs(kept - n * q) < 5 * math.sqrt(n * q * (1 - q)), p
+
+
+def test_masks_are_independent_across_models_tensors_and_neighbours():
+    n, p = 1_000_000, 0.5
+    masks = _ones_masks(p, ["x", "y"], 2, n, "cpu", seed=9)
+    a, b, c = masks[0]["x"].bool(), masks[1]["x"].bool(), masks[0]["y"].bool()
+    bound = 5 * math.sqrt(n * 0.25 * 0.75)
+    for u, v in ((a, b), (a, c), (a[:-1], a[1:]), (a[:-4], a[4:])):
+        both = (u & v).sum().item()
+        assert abs(both - len(u) * 0.25) < bound
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_BACKENDS)
+def test_same_seed_same_result_whatever_the_order_and_batching(backend, clip_tiny):
+    base, models = clip_tiny
+    whole = fusedmerge.dare(base, models, 0.7, seed=4, backend=backend)
+    reverse = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
+    shuffled = fusedmerge.dare(reverse(base), [reverse(m) for m in models], 0.7, seed=4, backend=backend)
+    for key in base:
+        one = fusedmerge.dare(base[key], [m[key] for m in models], 0.7, seed=4, name=key, backend=backend)
+        assert torch.equal(one, whole[key]) and torch.equal(shuffled[key], whole[key]), key
+    assert_dicts_equal(whole, fusedmerge.dare(base, models, 0.7, seed=4, backend="torch"))
+
+
+def test_p_zero_is_task_arithmetic_and_rescale_off_keeps_values(clip_tiny):
+    base, models = clip_tiny
+    assert_dicts_equal(fusedmerge.dare(base, models, 0.0, scaling=0.3), fusedmerge.task_arithmetic(base, models, 0.3))
+    got = fusedmerge.dare(base, models, 0.5, rescale=False, weights=[1, 0, 0, 0])
+    for key in base:
+        kept = got[key] != base[key]
+        assert torch.equal(got[key][kept], models[0][key][kept]), key
+
+
+def test_linear_only_drops_only_2d_weights(clip_tiny):
+    base, models = clip_tiny
+    got = fusedmerge.dare(base, models, 0.9, linear_only=True, scaling=0.25)
+    ta = fusedmerge.task_arithmetic(base, models, 0.25)
+    for key in base:
+        assert torch.equal(got[key], ta[key]) == (base[key].dim() != 2), key
+
+
+@pytest.mark.parametrize("p, error, match", [(1.0, ValueError, "p = 1 would drop"), (-0.1, ValueError, r"\[0, 1\)"),
+                                             (math.nan, ValueError, "finite"), ("x", TypeError, "p must be")])
+def test_bad_drop_probability(p, error, match):
+    with pytest.raises(error, match=match):
+        fusedmerge.dare(torch.zeros(3), [torch.ones(3)], p)
+
+
+def test_bad_options():
+    with pytest.raises(TypeError, match="rescale"):
+        fusedmerge.dare(torch.zeros(3), [torch.ones(3)], 0.5, rescale="l2")
+    with pytest.raises(TypeError, match="seed"):
+        fusedmerge.dare(torch.zeros(3), [torch.ones(3)], 0.5, seed="a")
+    with pytest.raises(ValueError, match="weights has 1 entries but there are 2"):
+        fusedmerge.dare(torch.zeros(3), [torch.ones(3)] * 2, 0.5, weights=[1])
