@@ -2,15 +2,19 @@
 // The formula is fusedmerge/reference.py:ties_reference, in fp32, one rounding per operation.
 //
 // Selection (ties_select): the k-th largest |τ| of every (scope, model), without sorting. |τ| is handled
-// as the bits of a non-negative float, which order like the values. A sample (64 evenly spaced runs of
-// 256 elements) brackets the answer in [lo, hi]; one streaming pass over the scope, all models at once,
-// counts the magnitudes above hi and collects those inside the bracket; nth_element on the collected
-// ones gives the exact answer. A missed bracket (rare) falls back to nth_element over the whole scope.
+// as the bits of a non-negative float, which order like the values. A sample (1024 evenly spaced runs
+// of 16 elements: short runs, as magnitudes correlate along a row of a low-rank task vector) brackets
+// the answer in [lo, hi]; one streaming pass over the scope, all models at once, counts the magnitudes
+// above hi and collects those inside the bracket; nth_element on the collected ones gives the exact
+// answer. A missed bracket (rare) falls back to nth_element over the whole scope.
 //
 // Merge (ties_merge): one streaming pass, a chunk of 256 elements at a time with all N trimmed task
 // vectors of the chunk in a small scratch (never N×P). With vote_tie = majority, a first pass sums the
 // elected signs over the whole table (an exact integer, independent of the order).
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +23,7 @@
 #include "../numerics.h"
 #include "../philox.h"
 #include "combine_cpu.h"
+#include "elementwise.h"
 #include "ties_cpu.h"
 
 namespace fm {
@@ -26,20 +31,19 @@ namespace FM_ISA {
 namespace {
 
 constexpr int64_t kChunk = 256;
-constexpr int64_t kRuns = 64;
-constexpr int64_t kRun = 256;
+constexpr int64_t kRuns = 1024;
+constexpr int64_t kRun = 16;
 
 inline uint32_t magnitude_bits(float tau) { return bits_from_f32(tau) & 0x7FFFFFFFu; }
 
 // τ of model m over elements [start, start + n) of a row.
 void load_tau(const TableRow& row, int64_t m, int64_t start, int64_t n, const float* b, float* tau) {
-  const void* x = row.input(m);
-  const int64_t dt = row.input_dtype(m);
-  for (int64_t j = 0; j < n; ++j) tau[j] = load_as<float>(x, dt, start + j) - b[j];
+  load_any(tau, row.input(m), row.input_dtype(m), start, n);
+  for (int64_t j = 0; j < n; ++j) tau[j] = tau[j] - b[j];
 }
 
 void load_base(const TableRow& row, int64_t start, int64_t n, float* b) {
-  for (int64_t j = 0; j < n; ++j) b[j] = load_as<float>(row.base(), row.base_dtype(), start + j);
+  load_any(b, row.base(), row.base_dtype(), start, n);
 }
 
 struct Scopes {
@@ -106,6 +110,28 @@ void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scope
   }
 }
 
+// Writes the magnitude bits of tau[0, n) that lie in [l, h] to out (room for n), returns how many.
+size_t compact_bracket(const float* tau, int64_t n, uint32_t l, uint32_t h, uint32_t* out) {
+  size_t c = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i vl = _mm512_set1_epi32(static_cast<int>(l)), vh = _mm512_set1_epi32(static_cast<int>(h));
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  for (; j + 16 <= n; j += 16) {
+    const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(tau + j), abs_mask);
+    const __mmask16 k = _mm512_cmpge_epu32_mask(bits, vl) & _mm512_cmple_epu32_mask(bits, vh);
+    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(k, bits));  // c + 16 <= j + 16 <= n
+    c += static_cast<size_t>(__builtin_popcount(k));
+  }
+#endif
+  for (; j < n; ++j) {  // the serial dependency through c makes this ~5 cycles an element
+    const uint32_t bits = magnitude_bits(tau[j]);
+    out[c] = bits;
+    c += (bits >= l) & (bits <= h);
+  }
+  return c;
+}
+
 // k-th largest (1-based) of v, destroying v's order.
 uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k) {
   std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<uint32_t>());
@@ -127,12 +153,12 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     std::vector<uint32_t> sample(kRuns * kRun);
     for (int64_t r = 0; r < kRuns; ++r)
       fill_scope_bits(table, n_inputs, scopes, s, m, r * (n - kRun) / (kRuns - 1), kRun, sample.data() + r * kRun);
-    std::sort(sample.begin(), sample.end(), std::greater<uint32_t>());
-    const double S = static_cast<double>(sample.size()), q = static_cast<double>(k) / n;
-    const double margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
-    const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin)), r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
-    hi[pm] = r_hi < 0 ? 0xFFFFFFFFu : sample[r_hi];
-    lo[pm] = r_lo >= static_cast<int64_t>(sample.size()) ? 0u : sample[r_lo];
+    const int64_t S = static_cast<int64_t>(sample.size());
+    const double q = static_cast<double>(k) / n, margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
+    const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin));
+    const int64_t r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
+    hi[pm] = r_hi < 0 ? 0xFFFFFFFFu : kth_largest(sample, r_hi + 1);
+    lo[pm] = r_lo >= S ? 0u : kth_largest(sample, r_lo + 1);
   }
   // 2. One pass: count above the bracket, collect inside it (per thread).
   const Chunks chunks(table, n_tensors, n_inputs);
@@ -153,13 +179,19 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
         const int64_t pm = scopes.scope_of(t) * n_inputs + m;
         load_tau(row, m, start, n, b, tau);
         const uint32_t l = lo[pm], h = hi[pm];
-        int64_t count = 0;
+        int64_t count = 0, in = 0;
         for (int64_t j = 0; j < n; ++j) {
           const uint32_t bits = magnitude_bits(tau[j]);
           count += bits > h;
-          if (bits >= l && bits <= h) inside[tid][pm].push_back(bits);
+          in += (bits >= l) & (bits <= h);
         }
         above[tid][pm] += count;
+        if (in > 0) {  // branch-free compaction into the (thread, scope, model) buffer
+          std::vector<uint32_t>& buf = inside[tid][pm];
+          const size_t used = buf.size();
+          buf.resize(used + n);
+          buf.resize(used + compact_bracket(tau, n, l, h, buf.data() + used));
+        }
       }
     }
   }
@@ -214,10 +246,15 @@ void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, c
       for (int64_t j = 0; j < n; ++j) tr[j] = magnitude_bits(tr[j]) >= t ? tr[j] : 0.0f;
     }
     const float w = static_cast<float>(row.coeff(m));
-    for (int64_t j = 0; j < n; ++j) vm[j] = p.weighted_vote ? tr[j] * w : tr[j];
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = p.elect_count ? sign_of(vm[j]) : vm[j];
-      s[j] = m == 0 ? e : s[j] + e;
+    if (p.weighted_vote) {
+      for (int64_t j = 0; j < n; ++j) vm[j] = tr[j] * w;
+    } else {
+      for (int64_t j = 0; j < n; ++j) vm[j] = tr[j];
+    }
+    if (p.elect_count) {
+      for (int64_t j = 0; j < n; ++j) s[j] = m == 0 ? sign_of(vm[j]) : s[j] + sign_of(vm[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] = m == 0 ? vm[j] : s[j] + vm[j];
     }
   }
 }
@@ -264,6 +301,49 @@ int64_t ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inputs,
   return total;
 }
 
+namespace {
+
+// m = Σ agree·u (Sum), with den = Σ agree·w (Mean), or max agree·|u| (Max); then out = b + λ·m.
+template <int64_t Mode>
+void merge_chunk(const TableRow& row, int64_t n_inputs, const TiesParams& p, int64_t start, int64_t n,
+                 const float* __restrict b, const float* __restrict sigma, const float* __restrict trimmed,
+                 const float* __restrict v) {
+  alignas(64) float merged[kChunk];
+  alignas(64) float den[kChunk];
+  for (int64_t m = 0; m < n_inputs; ++m) {
+    const float w = static_cast<float>(row.coeff(m));
+    const float* __restrict tr = trimmed + m * kChunk;
+    const float* __restrict vm = v + m * kChunk;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool agree = (vm[j] > 0.0f) & (sigma[j] > 0.0f) | (vm[j] < 0.0f) & (sigma[j] < 0.0f);
+      const float u = tr[j] * w;
+      if (Mode == kMergeMax) {
+        const float mag = agree ? std::fabs(u) : 0.0f;
+        const float cur = merged[j];
+        const float big = cur > mag ? cur : mag;
+        merged[j] = m == 0 ? mag : ((cur != cur) | (mag != mag) ? cur + mag : big);  // NaN propagates
+      } else {
+        const float term = agree ? u : 0.0f;
+        merged[j] = m == 0 ? term : merged[j] + term;
+        if (Mode == kMergeMean) {
+          const float dw = agree ? w : 0.0f;
+          den[j] = m == 0 ? dw : den[j] + dw;
+        }
+      }
+    }
+  }
+  const float lam = static_cast<float>(p.scaling);
+  for (int64_t j = 0; j < n; ++j) {
+    float mj = merged[j];
+    if (Mode == kMergeMax) mj = sigma[j] * mj;
+    if (Mode == kMergeMean) mj = den[j] != 0.0f ? mj / den[j] : 0.0f;
+    merged[j] = b[j] + mj * lam;
+  }
+  store_any(row.out(), row.out_dtype(), start, merged, n);
+}
+
+}  // namespace
+
 void ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
                 const uint32_t* thresholds, float tie_sign) {
   for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
@@ -273,35 +353,9 @@ void ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const
       const float sg = sign_of(s[j]);
       s[j] = sg == 0.0f ? tie_sign : sg;  // s now holds the elected sign σ
     }
-    float merged[kChunk], den[kChunk];
-    for (int64_t m = 0; m < n_inputs; ++m) {
-      const float w = static_cast<float>(row.coeff(m));
-      const float* tr = trimmed + m * kChunk;
-      const float* vm = v + m * kChunk;
-      for (int64_t j = 0; j < n; ++j) {
-        const bool agree = (vm[j] > 0.0f && s[j] > 0.0f) || (vm[j] < 0.0f && s[j] < 0.0f);
-        const float u = tr[j] * w;
-        if (p.merge == kMergeMax) {
-          const float mag = agree ? std::fabs(u) : 0.0f;
-          const float cur = merged[j];
-          merged[j] = m == 0 ? mag : ((std::isnan(cur) || std::isnan(mag)) ? NAN : (cur > mag ? cur : mag));
-        } else {
-          const float term = agree ? u : 0.0f;
-          merged[j] = m == 0 ? term : merged[j] + term;
-          if (p.merge == kMergeMean) {
-            const float dw = agree ? w : 0.0f;
-            den[j] = m == 0 ? dw : den[j] + dw;
-          }
-        }
-      }
-    }
-    const float lam = static_cast<float>(p.scaling);
-    for (int64_t j = 0; j < n; ++j) {
-      float mj = merged[j];
-      if (p.merge == kMergeMax) mj = s[j] * mj;
-      if (p.merge == kMergeMean) mj = den[j] != 0.0f ? mj / den[j] : 0.0f;
-      store_as<float>(row.out(), row.out_dtype(), start + j, b[j] + mj * lam);
-    }
+    if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed, v);
+    else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed, v);
+    else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed, v);
   });
 }
 
