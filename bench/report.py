@@ -1,5 +1,6 @@
 """Markdown summary of a pytest-benchmark JSON from bench/: per group, each implementation's best time,
-its % of the copy limit measured in the same run, and its speed-up over the eager loop.
+its % of the copy limit measured in the same run and its speed-up over the eager loop (linear ops), or
+its time relative to fused task arithmetic and its peak extra memory (DARE/TIES).
 
     python bench/report.py bench/results/NAME.json > bench/results/NAME.md
 """
@@ -18,13 +19,22 @@ def main(path: str) -> None:
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         groups[b["group"]][b["params"]["impl"]] = b
-    print("| group | implementation | best ms | % of copy limit | × faster than eager loop |")
+    sparse = any("peak_extra_mb" in b["extra_info"] for b in data["benchmarks"])
+    if sparse:
+        print("| group | implementation | best ms | × fused task arithmetic | peak extra memory MB |")
+    else:
+        print("| group | implementation | best ms | % of copy limit | × faster than eager loop |")
     print("|---|---|---:|---:|---:|")
     for group, impls in groups.items():
         copy = impls.get("copy")
         eager = impls.get("fusionbench_loop") or impls.get("eager")
+        fused_ta = impls.get("fused_task_arithmetic")
         for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["min"]):
             t = b["stats"]["min"]
+            if sparse:
+                ratio = f"{t / fused_ta['stats']['min']:.2f}×" if fused_ta else ""
+                print(f"| {group} | {name} | {t * 1e3:.1f} | {ratio} | {b['extra_info']['peak_extra_mb']} |")
+                continue
             pct = f"{100 * copy['stats']['min'] / t:.0f}%" if copy else ""
             speed = f"{eager['stats']['min'] / t:.1f}×" if eager else ""
             print(f"| {group} | {name} | {t * 1e3:.1f} | {pct} | {speed} |")

@@ -31,3 +31,37 @@ def models(name: str, n: int, dtype: torch.dtype):
         variants = [{k: base[k] + (i + 1) * delta[k] for k in base} for i in range(n)]
         _HELD[key] = (base, variants)
     return _HELD[key]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn) -> int:
+    """Peak resident memory above the starting level while fn() runs (sampled every millisecond), in bytes;
+    on CUDA, the allocator's peak above the starting allocation."""
+    import threading
+
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        start = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        torch.cuda.synchronize(DEVICE)
+        return torch.cuda.max_memory_allocated(DEVICE) - start
+    start, peak, done = rss_bytes(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            done.wait(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], rss_bytes()) - start

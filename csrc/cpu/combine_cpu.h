@@ -4,8 +4,10 @@
 //   [out_ptr, out_dtype, numel, base_ptr (0: none), base_dtype, drop_threshold (0: keep all),
 //    then per input i: in_ptr, in_dtype, coeff (fp64 bit pattern), philox key]
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../numerics.h"
 
@@ -37,6 +39,28 @@ struct TableRow {
     bool f64 = base() != nullptr && base_dtype() == kF64;
     for (int64_t i = 0; i < n_inputs; ++i) f64 = f64 || input_dtype(i) == kF64;
     return f64;
+  }
+};
+
+// The rows of a table cut into chunks of `chunk` elements, numbered across rows in table order, so that
+// one parallel loop over chunk numbers balances rows of any size.
+struct ChunkGrid {
+  struct Span {
+    int64_t row, start, n;
+  };
+  const int64_t* table;
+  int64_t n_inputs, chunk;
+  std::vector<int64_t> first;  // first chunk number of each row, and the total at the end
+  ChunkGrid(const int64_t* table_, int64_t n_tensors, int64_t n_inputs_, int64_t chunk_)
+      : table(table_), n_inputs(n_inputs_), chunk(chunk_), first(n_tensors + 1, 0) {
+    for (int64_t t = 0; t < n_tensors; ++t)
+      first[t + 1] = first[t] + (TableRow(table, n_inputs, t).numel() + chunk - 1) / chunk;
+  }
+  int64_t total() const { return first.back(); }
+  Span operator[](int64_t g) const {
+    const int64_t t = std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1;
+    const int64_t start = (g - first[t]) * chunk;
+    return {t, start, std::min(chunk, TableRow(table, n_inputs, t).numel() - start)};
   }
 };
 

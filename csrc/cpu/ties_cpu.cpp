@@ -81,17 +81,6 @@ struct Scopes {
   }
 };
 
-// Chunks of every row, in table order: (row, start, n).
-struct Chunks {
-  std::vector<int64_t> first;
-  Chunks(const int64_t* table, int64_t n_tensors, int64_t n_inputs) : first(n_tensors + 1, 0) {
-    for (int64_t t = 0; t < n_tensors; ++t)
-      first[t + 1] = first[t] + (TableRow(table, n_inputs, t).numel() + kChunk - 1) / kChunk;
-  }
-  int64_t total() const { return first.back(); }
-  int64_t row_of(int64_t g) const { return std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1; }
-};
-
 // Magnitude bits of model m at scope indices [from, from + n) of scope s.
 void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scopes, int64_t s, int64_t m,
                      int64_t from, int64_t n, uint32_t* out) {
@@ -161,7 +150,7 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     lo[pm] = r_lo >= S ? 0u : kth_largest(sample, r_lo + 1);
   }
   // 2. One pass: count above the bracket, collect inside it (per thread).
-  const Chunks chunks(table, n_tensors, n_inputs);
+  const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   const int threads = omp_get_max_threads();
   std::vector<std::vector<int64_t>> above(threads, std::vector<int64_t>(pairs, 0));
   std::vector<std::vector<std::vector<uint32_t>>> inside(threads, std::vector<std::vector<uint32_t>>(pairs));
@@ -171,13 +160,13 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     float b[kChunk], tau[kChunk];
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < chunks.total(); ++g) {
-      const int64_t t = chunks.row_of(g);
-      const TableRow row(table, n_inputs, t);
-      const int64_t start = (g - chunks.first[t]) * kChunk, n = std::min(kChunk, row.numel() - start);
-      load_base(row, start, n, b);
+      const ChunkGrid::Span c = chunks[g];
+      const TableRow row(table, n_inputs, c.row);
+      const int64_t n = c.n;
+      load_base(row, c.start, n, b);
       for (int64_t m = 0; m < n_inputs; ++m) {
-        const int64_t pm = scopes.scope_of(t) * n_inputs + m;
-        load_tau(row, m, start, n, b, tau);
+        const int64_t pm = scopes.scope_of(c.row) * n_inputs + m;
+        load_tau(row, m, c.start, n, b, tau);
         const uint32_t l = lo[pm], h = hi[pm];
         int64_t count = 0, in = 0;
         for (int64_t j = 0; j < n; ++j) {
@@ -263,7 +252,7 @@ void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, c
 template <typename F>
 void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
                           const uint32_t* thresholds, F&& f) {
-  const Chunks chunks(table, n_tensors, n_inputs);
+  const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   const Scopes scopes(table, n_tensors, n_inputs, p.model_scope);
 #pragma omp parallel
   {
@@ -275,13 +264,12 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
     float* v = trimmed + n_inputs * kChunk;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < chunks.total(); ++g) {
-      const int64_t t = chunks.row_of(g);
-      const TableRow row(table, n_inputs, t);
-      const int64_t start = (g - chunks.first[t]) * kChunk, n = std::min(kChunk, row.numel() - start);
-      load_base(row, start, n, b);
-      trim_and_vote(row, n_inputs, p, thresholds + scopes.scope_of(t) * n_inputs, start, n, b, trimmed, v, s,
-                    words.data());
-      f(omp_get_thread_num(), row, start, n, b, s, trimmed, v);
+      const ChunkGrid::Span c = chunks[g];
+      const TableRow row(table, n_inputs, c.row);
+      load_base(row, c.start, c.n, b);
+      trim_and_vote(row, n_inputs, p, thresholds + scopes.scope_of(c.row) * n_inputs, c.start, c.n, b, trimmed,
+                    v, s, words.data());
+      f(omp_get_thread_num(), row, c.start, c.n, b, s, trimmed, v);
     }
   }
 }
