@@ -68,6 +68,7 @@ def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float
     w = _weights(weights, len(forms.dicts), normalise=False)
     out_dict = gather_like(out, forms, "out") if out is not None else None
     merged, slots = prepare(forms, base_dict, out_dtype, out_dict)
+    slots = [slot for slot in slots if slot.out.numel() > 0]
     if not slots:
         return forms.wrap(merged, out)
     devices = {slot.out.device for slot in slots}

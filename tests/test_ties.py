@@ -1,8 +1,6 @@
 """TIES: the C++ kernel equals the sort-based reference bit for bit; the reference reproduces FusionBench's
 and mergekit's algorithms (transcribed here in plain torch) under their options."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -42,6 +40,19 @@ def test_cpu_equals_reference_on_vit_b32_blocks(clip_b32_as, dtype, scope):
     for options in (dict(density=0.2), dict(density=0.05, merge="mean", vote_tie="majority")):
         assert_dicts_equal(fusedmerge.ties(base, models, scope=scope, backend="cpu", **options),
                            fusedmerge.ties(base, models, scope=scope, backend="torch", **options))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_empty_scalar_and_integer_entries(scope):
+    g = torch.Generator().manual_seed(0)
+    sd = lambda: {"empty": torch.zeros(0, 3), "scalar": torch.randn((), generator=g),  # noqa: E731
+                  "w": torch.randn(50, generator=g), "steps": torch.tensor(3)}
+    base, models = sd(), [sd() for _ in range(3)]
+    for backend in ("torch", "cpu"):
+        got = fusedmerge.ties(base, models, density=0.5, scope=scope, backend=backend)
+        assert got["empty"].shape == (0, 3) and got["steps"].item() == 3
+    assert_dicts_equal(fusedmerge.ties(base, models, density=0.5, scope=scope, backend="cpu"),
+                       fusedmerge.ties(base, models, density=0.5, scope=scope, backend="torch"))
 
 
 def test_ties_at_the_threshold_are_kept():

@@ -122,11 +122,9 @@ def combine(jobs: Sequence[CombineJob], backend: str) -> None:
 
 
 def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
-    """TIES over all `jobs` (one device) on `backend`; the reference runs it where no kernel applies (fp64
-    or unsupported dtypes, or a backend without a TIES kernel under "auto")."""
-    jobs = [j for j in jobs if j.out.numel() > 0]
-    if not jobs:
-        return
+    """TIES over all `jobs` (one device, none empty: spec is indexed by job) on `backend`; the reference
+    runs it where no kernel applies (fp64 or unsupported dtypes, or a backend without a TIES kernel under
+    "auto")."""
     name = resolve(backend, jobs[0].out.device)
     module = _import(name) if name != "torch" else None
     fits = all(kernel_supports(j) and j.acc_dtype == torch.float32 for j in jobs)
