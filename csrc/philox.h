@@ -17,24 +17,27 @@ struct Words4 {
   uint32_t w[4];
 };
 
+// One round on a counter, with the round's key.
+FM_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+  const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+  const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+  c1 = static_cast<uint32_t>(pb);
+  c3 = static_cast<uint32_t>(pa);
+  c0 = n0;
+  c2 = n2;
+}
+
+FM_HD uint32_t philox_key0(uint64_t key, int round) { return static_cast<uint32_t>(key) + 0x9E3779B9u * round; }
+FM_HD uint32_t philox_key1(uint64_t key, int round) { return static_cast<uint32_t>(key >> 32) + 0xBB67AE85u * round; }
+
 FM_HD Words4 philox4x32_10(uint64_t call, uint64_t key) {
   uint32_t c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(pb);
-    c3 = static_cast<uint32_t>(pa);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  for (int r = 0; r < 10; ++r) philox_round(c0, c1, c2, c3, philox_key0(key, r), philox_key1(key, r));
   return {{c0, c1, c2, c3}};
 }
 

@@ -24,47 +24,6 @@ namespace fm {
 namespace FM_ISA {
 namespace {
 
-// Measured on the 2-core AVX-512 dev machine, ViT-B/32 N = 8: chunks of 4096 reached 92 % (fp32) and
-// 69 % (bf16) of the copy bandwidth, 256 reach ~100 % and ~90 %.
-constexpr int64_t kChunk = 256;
-
-// The Philox words of elements [start, start + n) of one (model, tensor); start is a multiple of 4.
-// Rounds run on arrays of calls (structure of arrays) so that they vectorise, then interleave.
-void philox_words(uint32_t* __restrict words, uint64_t key, int64_t start, int64_t n) {
-  constexpr int64_t kCalls = kChunk / kElementsPerCall;
-  alignas(64) uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
-  const uint64_t first_call = static_cast<uint64_t>(start / kElementsPerCall);
-  const int64_t calls = (n + kElementsPerCall - 1) / kElementsPerCall;
-  for (int64_t c = 0; c < calls; ++c) {
-    const uint64_t ctr = first_call + static_cast<uint64_t>(c);
-    c0[c] = static_cast<uint32_t>(ctr);
-    c1[c] = static_cast<uint32_t>(ctr >> 32);
-    c2[c] = 0;
-    c3[c] = 0;
-  }
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int64_t c = 0; c < calls; ++c) {
-      const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2[c];
-      const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0[c];
-      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[c] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[c] ^ k1;
-      c1[c] = static_cast<uint32_t>(pb);
-      c3[c] = static_cast<uint32_t>(pa);
-      c0[c] = n0;
-      c2[c] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int64_t c = 0; c < calls; ++c) {
-    words[4 * c] = c0[c];
-    words[4 * c + 1] = c1[c];
-    words[4 * c + 2] = c2[c];
-    words[4 * c + 3] = c3[c];
-  }
-}
-
 // acc (=|+=) keep ? c * (x - b) : 0
 template <typename Acc, typename T, bool First, bool HasBase, bool Drop>
 void fold(Acc* __restrict acc, const void* src, const Acc* __restrict b, Acc c, int64_t n,

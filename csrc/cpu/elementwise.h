@@ -4,10 +4,17 @@
 #include <cstdint>
 
 #include "../numerics.h"
+#include "../philox.h"
 #include "combine_cpu.h"
 
 namespace fm {
 namespace FM_ISA {
+
+// Elements a CPU kernel handles at a time, per tensor and input. Measured on the 2-core AVX-512 dev
+// machine, ViT-B/32 N = 8: chunks of 4096 reached 92 % (fp32) and 69 % (bf16) of the copy bandwidth,
+// 256 reach ~100 % and ~90 %: short chunks keep the N input streams finely interleaved, which the
+// hardware prefetchers follow best. A multiple of kElementsPerCall.
+constexpr int64_t kChunk = 256;
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
@@ -65,6 +72,32 @@ void store_any(void* p, int64_t dt, int64_t start, const Acc* v, int64_t n) {
     T* o = reinterpret_cast<T*>(const_cast<char*>(at(p, dt, start)));
     for (int64_t j = 0; j < n; ++j) narrow(v[j], o + j);
   });
+}
+
+// The Philox words (csrc/philox.h) of elements [start, start + n) of one (model, tensor), n <= kChunk and
+// start a multiple of 4. The rounds run over arrays of calls so that they vectorise, then interleave.
+inline void philox_words(uint32_t* __restrict words, uint64_t key, int64_t start, int64_t n) {
+  constexpr int64_t kCalls = kChunk / kElementsPerCall;
+  alignas(64) uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
+  const uint64_t first_call = static_cast<uint64_t>(start / kElementsPerCall);
+  const int64_t calls = (n + kElementsPerCall - 1) / kElementsPerCall;
+  for (int64_t c = 0; c < calls; ++c) {
+    const uint64_t ctr = first_call + static_cast<uint64_t>(c);
+    c0[c] = static_cast<uint32_t>(ctr);
+    c1[c] = static_cast<uint32_t>(ctr >> 32);
+    c2[c] = 0;
+    c3[c] = 0;
+  }
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t k0 = philox_key0(key, r), k1 = philox_key1(key, r);
+    for (int64_t c = 0; c < calls; ++c) philox_round(c0[c], c1[c], c2[c], c3[c], k0, k1);
+  }
+  for (int64_t c = 0; c < calls; ++c) {
+    words[4 * c] = c0[c];
+    words[4 * c + 1] = c1[c];
+    words[4 * c + 2] = c2[c];
+    words[4 * c + 3] = c3[c];
+  }
 }
 
 }  // namespace FM_ISA

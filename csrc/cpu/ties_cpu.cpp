@@ -30,7 +30,6 @@ namespace fm {
 namespace FM_ISA {
 namespace {
 
-constexpr int64_t kChunk = 256;
 constexpr int64_t kRuns = 1024;
 constexpr int64_t kRun = 16;
 
@@ -221,11 +220,7 @@ void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, c
     if (row.drop_threshold() != 0) {
       const uint32_t T = row.drop_threshold();
       const float r = static_cast<float>(p.drop_rescale);
-      const int64_t first_call = start / kElementsPerCall;
-      for (int64_t c = 0; c < (n + 3) / 4; ++c) {
-        const Words4 w = philox4x32_10(static_cast<uint64_t>(first_call + c), row.key(m));
-        for (int q = 0; q < 4; ++q) words[4 * c + q] = w.w[q];
-      }
+      philox_words(words, row.key(m), start, n);
       for (int64_t j = 0; j < n; ++j) {
         const float scaled = p.drop_rescale != 1.0 ? tr[j] * r : tr[j];
         tr[j] = words[j] >= T ? scaled : 0.0f;
