@@ -58,3 +58,18 @@ def test_tensor_over_2_pow_31_elements(backend):
     got = fusedmerge.average([a, b], backend=backend)
     assert got[0].item() == 2.0 and got[(1 << 31) + 17].item() == 2.0 and got[-1].item() == 4.75
     assert torch.equal(got[-(1 << 20):], fusedmerge.average([a[-(1 << 20):], b[-(1 << 20):]], backend="torch"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dare_and_ties_on_gpu(clip_b32_as, backend, dtype):
+    base, models = clip_b32_as(dtype)
+    keys = [k for k in base if ".layers.1." in k or "embeddings" in k]
+    base = {k: base[k].cuda() for k in keys}
+    models = [{k: m[k].cuda() for k in keys} for m in models]
+    dare = lambda b: fusedmerge.dare(base, models, 0.9, scaling=1 / 8, seed=2, backend=b)  # noqa: E731
+    assert_dicts_equal(dare(backend), dare("torch"))
+    if backend == "triton":
+        for options in (dict(), dict(scope="model", vote_tie="majority", merge="mean"), dict(dare_p=0.8)):
+            ties = lambda b: fusedmerge.ties(base, models, density=0.2, backend=b, **options)  # noqa: E731
+            assert_dicts_equal(ties(backend), ties("torch"))

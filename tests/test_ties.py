@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fusedmerge
-from conftest import assert_dicts_equal
+from conftest import CPU_BACKENDS, assert_dicts_equal
+from fusedmerge import dispatch
 from fusedmerge.ties import kept_count
 
 OPTION_SETS = [
@@ -21,11 +22,12 @@ OPTION_SETS = [
 ]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_cpu_equals_reference(clip_tiny, options):
+def test_backends_equal_reference(clip_tiny, options, backend):
     base, models = clip_tiny
     options = {"density": 0.2, "scaling": 0.7, **options}
-    assert_dicts_equal(fusedmerge.ties(base, models, backend="cpu", **options),
+    assert_dicts_equal(fusedmerge.ties(base, models, backend=backend, **options),
                        fusedmerge.ties(base, models, backend="torch", **options))
 
 
@@ -163,9 +165,11 @@ def test_bad_options_are_named(kwargs, error, match):
         fusedmerge.ties(torch.zeros(4), [torch.ones(4), torch.ones(4)], **kwargs)
 
 
-def test_backends_without_a_ties_kernel_say_so(monkeypatch):
-    status = fusedmerge.backends()["triton"]
-    if not status.available or "cpu" not in status.devices:
-        pytest.skip(status.reason)
-    with pytest.raises(RuntimeError, match="no TIES kernel"):
-        fusedmerge.ties(torch.zeros(4), [torch.ones(4)], backend="triton")
+def test_a_backend_without_a_ties_kernel(monkeypatch):
+    """An explicit choice says so; "auto" hands over to the next backend with a kernel, else the reference."""
+    real = dispatch._import
+    monkeypatch.setattr(dispatch, "_import", lambda name: object() if name == "cpu" else real(name))
+    with pytest.raises(RuntimeError, match="backend 'cpu' has no TIES kernel"):
+        fusedmerge.ties(torch.zeros(4), [torch.ones(4)], backend="cpu")
+    x = torch.arange(8.0)
+    assert torch.equal(fusedmerge.ties(torch.zeros(8), [x], density=0.5), torch.where(x >= 4, x, 0.0))

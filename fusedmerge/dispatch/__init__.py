@@ -122,16 +122,19 @@ def combine(jobs: Sequence[CombineJob], backend: str) -> None:
 
 
 def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
-    """TIES over all `jobs` (one device, none empty: spec is indexed by job) on `backend`; the reference
-    runs it where no kernel applies (fp64 or unsupported dtypes, or a backend without a TIES kernel under
-    "auto")."""
-    name = resolve(backend, jobs[0].out.device)
+    """TIES over all `jobs` (one device, none empty: spec is indexed by job) on `backend`. Under "auto", a
+    backend without a TIES kernel (cuda) hands over to the next one that has one (triton); the reference
+    runs where no kernel applies (fp64 or unsupported dtypes)."""
+    device = jobs[0].out.device
+    name = resolve(backend, device)
     module = _import(name) if name != "torch" else None
     fits = all(kernel_supports(j) and j.acc_dtype == torch.float32 for j in jobs)
     if module is not None and not hasattr(module, "ties"):
         if backend != "auto" or os.environ.get(ENV_VAR, "auto") not in ("", "auto"):
-            raise RuntimeError(f"backend {name!r} has no TIES kernel yet; use backend='torch' or 'cpu'")
-        module = None
+            raise RuntimeError(f"backend {name!r} has no TIES kernel yet; use 'triton', 'cpu' or 'torch'")
+        others = [n for n in AUTO_ORDER.get(device.type, ()) if n not in (name, "torch")
+                  and _STATUS[n]().available and device.type in _STATUS[n]().devices]
+        module = next((m for m in map(_import, others) if hasattr(m, "ties")), None)
     if module is not None and fits:
         module.ties(jobs, spec)
     else:

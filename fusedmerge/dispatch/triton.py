@@ -1,5 +1,6 @@
 """Triton backend: one launch per accumulation dtype over a whole table of tensors
-(fusedmerge/triton_kernels/combine.py). Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
+(fusedmerge/triton_kernels/combine.py), and TIES (triton_kernels/ties.py). Runs on CUDA tensors, and on
+CPU tensors under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Sequence
 
 import torch
 
-from ..reference import CombineJob
+from ..reference import CombineJob, TiesSpec
 from ..triton_kernels import combine as kernels
+from ..triton_kernels import ties as ties_kernels
 from ._table import build_table
 
 
@@ -24,16 +26,59 @@ def combine(jobs: Sequence[CombineJob]) -> None:
             _launch(group, acc_f64)
 
 
+def _tiles(table: torch.Tensor, block: int, device):
+    """Per tile: its row of the table and its first element (a multiple of 4), on `device`."""
+    tiles = (table[:, 2] + block - 1) // block
+    tile_tensor = torch.repeat_interleave(torch.arange(table.shape[0], dtype=torch.int64), tiles)
+    first = torch.cumsum(tiles, 0) - tiles
+    tile_start = (torch.arange(tile_tensor.numel(), dtype=torch.int64) - first[tile_tensor]) * block
+    return tile_tensor.to(device), tile_start.to(device)
+
+
 def _launch(jobs: Sequence[CombineJob], acc_f64: bool) -> None:
     device = jobs[0].out.device
     block = kernels.BLOCK_INTERPRETER if device.type == "cpu" else kernels.BLOCK
     table, keep = build_table(jobs)
-    tiles = (table[:, 2] + block - 1) // block
-    tile_tensor = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int64), tiles)
-    first = torch.cumsum(tiles, 0) - tiles
-    tile_start = (torch.arange(tile_tensor.numel(), dtype=torch.int64) - first[tile_tensor]) * block
+    tile_tensor, tile_start = _tiles(table, block, device)
     if tile_tensor.numel() == 0:
         return
-    args = [t.to(device) for t in (table, tile_tensor, tile_start)]
-    kernels.launch(*args, n_inputs=len(jobs[0].inputs), acc_f64=acc_f64, block=block)
+    kernels.launch(table.to(device), tile_tensor, tile_start, n_inputs=len(jobs[0].inputs), acc_f64=acc_f64,
+                   block=block)
+    del keep
+
+
+def _thresholds(jobs: Sequence[CombineJob], spec: TiesSpec) -> torch.Tensor:
+    """Per scope and model, the bits of the k-th largest |τ|: torch.kthvalue (a radix select on CUDA) over
+    one model's magnitudes at a time, so the scratch is one scope of int32, never N of them."""
+    scopes = [[j] for j in jobs] if spec.scope == "tensor" else [list(jobs)]
+    out = torch.zeros((len(scopes), len(spec.weights)), dtype=torch.int64)
+    for s, scope in enumerate(scopes):
+        for m in range(len(spec.weights)):
+            bits = torch.cat([(j.inputs[m].float() - j.base.float()).abs().view(torch.int32).reshape(-1)
+                              for j in scope])
+            out[s, m] = int(torch.kthvalue(bits, bits.numel() - spec.ks[s][m] + 1).values)
+    return out
+
+
+def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
+    """Thresholds (skipped for DARE-TIES), then the majority vote if asked, then one merge launch."""
+    device = jobs[0].out.device
+    block = ties_kernels.BLOCK_INTERPRETER if device.type == "cpu" else ties_kernels.BLOCK
+    keys = spec.keys or [None] * len(jobs)
+    rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k) for j, k in zip(jobs, keys)]
+    table, keep = build_table(rows)
+    tile_tensor, tile_start = _tiles(table, block, device)
+    table = table.to(device)
+    thresholds = (_thresholds(jobs, spec) if spec.drop_threshold == 0
+                  else torch.zeros((len(spec.ks), len(spec.weights)), dtype=torch.int64)).to(device)
+    common = dict(n_inputs=len(spec.weights), model_scope=spec.scope == "model", weighted=spec.weighted_vote,
+                  count=spec.elect == "count", rescale=float(spec.drop_rescale), block=block)
+    tie_sign = 1.0
+    if spec.vote_tie == "majority":
+        sums = torch.zeros(tile_tensor.numel(), dtype=torch.int64, device=device)
+        ties_kernels.launch_vote(table, tile_tensor, tile_start, thresholds, sums, **common)
+        total = int(sums.sum())
+        tie_sign = float((total > 0) - (total < 0))
+    ties_kernels.launch_merge(table, tile_tensor, tile_start, thresholds, merge=("sum", "mean", "max").index(spec.merge),
+                              scaling=float(spec.scaling), tie_sign=tie_sign, **common)
     del keep
