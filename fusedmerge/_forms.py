@@ -209,6 +209,7 @@ def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[St
     return merged, slots
 
 
+@torch.no_grad()
 def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[str, torch.Tensor], Terms]],
                  base: Optional[StateDict], out_dtype, backend: str, out: Optional[StateDict] = None) -> StateDict:
     """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.

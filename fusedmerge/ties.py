@@ -41,6 +41,7 @@ def kept_count(density: float, n: int, rule: str) -> int:
     return min(n, max(1, k))
 
 
+@torch.no_grad()
 def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float]] = None, scaling: float = 1.0,
          scope: str = "tensor", elect: str = "sum", merge: str = "sum", dare_p: Optional[float] = None,
          rescale: bool = True, seed: int = 0, k_rule: str = "floor", weighted_vote: bool = True,

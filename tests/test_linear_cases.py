@@ -132,3 +132,12 @@ def test_many_inputs_and_tensors_in_one_launch(backend):
     got = fusedmerge.average(ms, backend=backend)
     assert_dicts_equal(got, fusedmerge.average(ms, backend="torch"))
     assert torch.allclose(got["t3"], torch.full((4,), 9.5))
+
+
+def test_parameters_that_require_grad_give_plain_results():
+    ws = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
+    for op in (lambda b: fusedmerge.average(ws, backend=b), lambda b: fusedmerge.dare(ws[0], ws[1:], 0.5, backend=b),
+               lambda b: fusedmerge.ties(ws[0], ws[1:], backend=b)):
+        for backend in ("torch", "cpu"):
+            got = op(backend)
+            assert not got.requires_grad and got.grad_fn is None
