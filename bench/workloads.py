@@ -40,7 +40,10 @@ def rss_bytes() -> int:
 
 def peak_extra_memory(fn) -> int:
     """Peak resident memory above the starting level while fn() runs (sampled every millisecond), in bytes;
-    on CUDA, the allocator's peak above the starting allocation."""
+    on CUDA, the allocator's peak above the starting allocation. Free heap memory is first returned to the
+    system (malloc_trim), so that temporaries show up in the resident size instead of reusing it."""
+    import ctypes
+    import gc
     import threading
 
     if DEVICE.type == "cuda":
@@ -50,6 +53,8 @@ def peak_extra_memory(fn) -> int:
         fn()
         torch.cuda.synchronize(DEVICE)
         return torch.cuda.max_memory_allocated(DEVICE) - start
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     start, peak, done = rss_bytes(), [0], threading.Event()
 
     def watch():
