@@ -4,7 +4,6 @@ CPU tensors under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -13,10 +12,6 @@ from ..reference import CombineJob, TiesSpec
 from ..triton_kernels import combine as kernels
 from ..triton_kernels import ties as ties_kernels
 from ._table import build_table
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def combine(jobs: Sequence[CombineJob]) -> None:
