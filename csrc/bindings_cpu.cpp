@@ -18,6 +18,15 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("table"), py::arg("n_tensors"), py::arg("n_inputs"),
       "Multi-tensor linear combination driven by an int64 table (see csrc/cpu/combine_cpu.h).");
   m.def(
+      "l1_buckets",
+      [](uintptr_t table, int64_t n_tensors, int64_t n_inputs, uintptr_t buckets) {
+        py::gil_scoped_release release;
+        fm::cpu_l1_buckets(reinterpret_cast<const int64_t*>(table), n_tensors, n_inputs,
+                           reinterpret_cast<int64_t*>(buckets));
+      },
+      py::arg("table"), py::arg("n_tensors"), py::arg("n_inputs"), py::arg("buckets"),
+      "Exact L1 norms of x - base, all and kept, as int64 mantissa sums per exponent [rows, inputs, 2, 256].");
+  m.def(
       "ties_select",
       [](uintptr_t table, int64_t n_tensors, int64_t n_inputs, bool model_scope, uintptr_t ks, uintptr_t thresholds) {
         py::gil_scoped_release release;

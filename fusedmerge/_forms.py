@@ -210,16 +210,16 @@ def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[St
 
 
 @torch.no_grad()
-def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[str, torch.Tensor], Terms]],
+def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[List["Slot"]], List[Terms]]],
                  base: Optional[StateDict], out_dtype, backend: str, out: Optional[StateDict] = None) -> StateDict:
     """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.
-    `terms` is one list of coefficients for every key, or a function of (key, tensor) giving its Terms.
-    With `out`, results are written into its tensors (which may be the inputs' own, as in an in-place merge)."""
-    terms_of = terms if callable(terms) else (lambda key, x, t=Terms(list(terms)): t)
+    `terms` is one list of coefficients for every key, or a function of the keys to merge (Slots) giving
+    each one's Terms. With `out`, results are written into its tensors (which may be the inputs' own, as in
+    an in-place merge)."""
     merged, slots = prepare(forms, base, out_dtype, out)
+    all_terms = terms(slots) if callable(terms) else [Terms(list(terms))] * len(slots)
     jobs: Dict[torch.device, List[CombineJob]] = {}
-    for slot in slots:
-        t = terms_of(slot.key, slot.inputs[0])
+    for slot, t in zip(slots, all_terms):
         job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys)
         jobs.setdefault(slot.out.device, []).append(job)
     for device_jobs in jobs.values():

@@ -17,6 +17,7 @@ output through fp32, as torch's own casts do. Every backend must equal this func
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -182,3 +183,32 @@ def ties_reference(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
         if acc == torch.float64 and job.out.dtype in (torch.float16, torch.bfloat16):
             result = result.to(torch.float32)
         job.out.copy_(result.to(job.out.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact L1 norms for DARE's L1 rescale (mergekit's `rescale`)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def l1_buckets_reference(job: CombineJob) -> torch.Tensor:
+    """Σ|τᵢ| and Σ keepᵢ·|τᵢ| (τᵢ = xᵢ − b in fp32) of one job as int64 sums of the fp32 mantissas per
+    exponent, shape [N, 2, 256]: integer sums do not depend on the order, so every backend agrees."""
+    out = torch.zeros((len(job.inputs), 2, 256), dtype=torch.int64)
+    for i, x in enumerate(job.inputs):
+        bits = (x.float() - job.base.float()).abs().view(torch.int32).reshape(-1).to(torch.int64).cpu()
+        e = bits >> 23
+        mant = (bits & 0x7FFFFF) | ((e != 0).to(torch.int64) << 23)
+        out[i, 0].index_add_(0, e, mant)
+        keep = (keep_mask(job.keys[i], bits.numel(), job.threshold) if job.threshold
+                else torch.ones_like(e, dtype=torch.bool))
+        out[i, 1].index_add_(0, e[keep], mant[keep])
+    return out
+
+
+def bucket_value(buckets: torch.Tensor) -> float:
+    """The exact sum held by 256 exponent buckets, rounded once to a Python float (inf if any |τ| was)."""
+    counts = [int(v) for v in buckets.tolist()]
+    if counts[255]:
+        return math.inf
+    total = sum(c << (max(e, 1) - 1) for e, c in enumerate(counts))  # in units of 2**-149, < 2**320
+    return math.ldexp(float(total), -149)

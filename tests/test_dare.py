@@ -124,3 +124,40 @@ def test_bad_options():
         fusedmerge.dare(torch.zeros(3), [torch.ones(3)], 0.5, seed="a")
     with pytest.raises(ValueError, match="weights has 1 entries but there are 2"):
         fusedmerge.dare(torch.zeros(3), [torch.ones(3)] * 2, 0.5, weights=[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_l1_rescale_equals_reference(clip_tiny, backend):
+    base, models = clip_tiny
+    for kwargs in (dict(p=0.7), dict(p=0.3, weights=[1, 2, 0.5, 1], linear_only=True, seed=8)):
+        got = fusedmerge.dare(base, models, rescale="l1", backend=backend, **kwargs)
+        assert_dicts_equal(got, fusedmerge.dare(base, models, rescale="l1", backend="torch", **kwargs))
+
+
+def test_l1_norms_are_exact_sums():
+    from fusedmerge.reference import CombineJob, bucket_value, l1_buckets_reference
+    from fusedmerge import dispatch
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(5000, generator=g) * 10.0 ** e for e in range(-30, 30, 3)])
+    job = CombineJob(torch.empty_like(x), [x, -x * 3], [1.0, 1.0], torch.zeros_like(x), drop_threshold(0.5),
+                     [mask_key(0, 0, "x"), mask_key(0, 1, "x")])
+    want = math.fsum(abs(v) for v in x.tolist())
+    buckets = l1_buckets_reference(job)
+    assert bucket_value(buckets[0, 0]) == want
+    kept = keep_mask(job.keys[0], x.numel(), job.threshold)
+    assert bucket_value(buckets[0, 1]) == math.fsum(abs(v) for v in x[kept].tolist())
+    assert torch.equal(dispatch.l1_buckets([job], "cpu")[0], buckets)
+
+
+def test_l1_rescale_keeps_each_task_vectors_l1_norm(clip_tiny):
+    base, models = clip_tiny
+    got = fusedmerge.dare(base, models[:1], 0.8, rescale="l1")
+    for key in base:
+        tau = (models[0][key].double() - base[key].double()).abs().sum()
+        if tau < 1e-7:
+            continue
+        kept = (got[key].double() - base[key].double()).abs().sum()
+        assert abs(kept / tau - 1) < 1e-5, key
+    zero = fusedmerge.dare(torch.zeros(10), [torch.zeros(10)], 0.5, rescale="l1")
+    assert torch.equal(zero, torch.zeros(10))

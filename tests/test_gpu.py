@@ -67,8 +67,10 @@ def test_dare_and_ties_on_gpu(clip_b32_as, backend, dtype):
     keys = [k for k in base if ".layers.1." in k or "embeddings" in k]
     base = {k: base[k].cuda() for k in keys}
     models = [{k: m[k].cuda() for k in keys} for m in models]
-    dare = lambda b: fusedmerge.dare(base, models, 0.9, scaling=1 / 8, seed=2, backend=b)  # noqa: E731
-    assert_dicts_equal(dare(backend), dare("torch"))
+    for rescale in (True, "l1"):
+        dare = lambda b: fusedmerge.dare(base, models, 0.9, scaling=1 / 8, seed=2, rescale=rescale,  # noqa: E731
+                                         backend=b)
+        assert_dicts_equal(dare(backend), dare("torch"))
     if backend == "triton":
         for options in (dict(), dict(scope="model", vote_tie="majority", merge="mean"), dict(dare_p=0.8)):
             ties = lambda b: fusedmerge.ties(base, models, density=0.2, backend=b, **options)  # noqa: E731

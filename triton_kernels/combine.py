@@ -112,3 +112,33 @@ def launch(table, tile_tensor, tile_start, *, n_inputs, acc_f64, block):
     grid = (tile_tensor.numel(),)
     combine_kernel[grid](table, tile_tensor, tile_start, N=n_inputs, ACC_F64=acc_f64, BLOCK=block,
                          num_warps=8, enable_fp_fusion=False)
+
+
+@triton.jit
+def l1_buckets_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, buckets_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Σ|τᵢ| and Σ keepᵢ·|τᵢ| (τᵢ = xᵢ − b, fp32) as int64 sums of mantissas per exponent, by atomics into
+    buckets[row, i, {all, kept}, 256] — integer sums, so the same on every backend (reference.py)."""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor_ptr + pid)
+    row = table_ptr + t * (6 + 4 * N)
+    start = tl.load(tile_start_ptr + pid)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(row + 2)
+    b = _load_acc(tl.load(row + 3), tl.load(row + 4), offs, mask, False)
+    drop = tl.load(row + 5)
+    for i in tl.static_range(N):
+        tau = _load_acc(tl.load(row + 6 + 4 * i), tl.load(row + 7 + 4 * i), offs, mask, False) - b
+        bits = tau.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        e = (bits >> 23).to(tl.int64)
+        mant = ((bits & 0x7FFFFF) | tl.where(e != 0, 0x800000, 0).to(tl.uint32)).to(tl.int64)
+        keep = mask
+        if drop != 0:
+            keep = mask & (_words(tl.load(row + 9 + 4 * i), start, BLOCK) >= drop.to(tl.uint32))
+        cell = buckets_ptr + (t * N + i) * 512 + e
+        tl.atomic_add(cell, mant, mask=mask)
+        tl.atomic_add(cell + 256, mant, mask=keep)
+
+
+def launch_l1_buckets(table, tile_tensor, tile_start, buckets, *, n_inputs, block):
+    l1_buckets_kernel[(tile_tensor.numel(),)](table, tile_tensor, tile_start, buckets, N=n_inputs, BLOCK=block,
+                                              num_warps=8)

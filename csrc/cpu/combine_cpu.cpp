@@ -97,5 +97,47 @@ void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   }
 }
 
+void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64_t* buckets) {
+  // Exact L1 norms of τ = x - b (fp32) per (row, input): Σ|τ| and Σ keep·|τ| as integer mantissa sums per
+  // exponent, buckets[((t * n_inputs + i) * 2 + {0: all, 1: kept}) * 256 + exponent]. Integer sums do not
+  // depend on the order, so every backend gets the same norms.
+  const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
+  const int64_t size = n_tensors * n_inputs * 2 * 256;
+  const int threads = omp_get_max_threads();
+  std::vector<std::vector<int64_t>> partial(threads);
+#pragma omp parallel
+  {
+    std::vector<int64_t>& mine = partial[omp_get_thread_num()];
+    mine.assign(size, 0);
+    alignas(64) float b[kChunk];
+    alignas(64) float tau[kChunk];
+    alignas(64) uint32_t words[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < chunks.total(); ++g) {
+      const ChunkGrid::Span c = chunks[g];
+      const TableRow row(table, n_inputs, c.row);
+      if (row.base() != nullptr) load_any(b, row.base(), row.base_dtype(), c.start, c.n);
+      else std::fill(b, b + c.n, 0.0f);
+      for (int64_t i = 0; i < n_inputs; ++i) {
+        load_any(tau, row.input(i), row.input_dtype(i), c.start, c.n);
+        const uint32_t threshold = row.drop_threshold();
+        if (threshold != 0) philox_words(words, row.key(i), c.start, c.n);
+        int64_t* all = mine.data() + ((c.row * n_inputs + i) * 2) * 256;
+        int64_t* kept = all + 256;
+        for (int64_t j = 0; j < c.n; ++j) {
+          const uint32_t bits = bits_from_f32(tau[j] - b[j]) & 0x7FFFFFFFu;
+          const uint32_t e = bits >> 23;
+          const int64_t mant = (bits & 0x7FFFFFu) | (e != 0 ? 0x800000u : 0u);
+          all[e] += mant;
+          if (threshold == 0 || words[j] >= threshold) kept[e] += mant;
+        }
+      }
+    }
+  }
+  std::fill(buckets, buckets + size, 0);
+  for (const std::vector<int64_t>& p : partial)
+    for (int64_t k = 0; k < size; ++k) buckets[k] += p[k];
+}
+
 }  // namespace FM_ISA
 }  // namespace fm

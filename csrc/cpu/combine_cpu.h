@@ -64,8 +64,11 @@ struct ChunkGrid {
   }
 };
 
-#define FM_DECLARE_CPU_COMBINE(ns) \
-  namespace ns { void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs); }
+#define FM_DECLARE_CPU_COMBINE(ns)                                                              \
+  namespace ns {                                                                                \
+  void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs);                      \
+  void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64_t* buckets); \
+  }
 FM_DECLARE_CPU_COMBINE(baseline)
 FM_DECLARE_CPU_COMBINE(avx2)
 FM_DECLARE_CPU_COMBINE(avx512)
@@ -74,5 +77,6 @@ FM_DECLARE_CPU_COMBINE(avx512)
 // Picks the best variant this CPU runs; returns its name.
 const char* cpu_isa();
 void cpu_combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs);
+void cpu_l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64_t* buckets);
 
 }  // namespace fm

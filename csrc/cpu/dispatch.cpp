@@ -9,12 +9,13 @@ namespace {
 struct Variant {
   const char* name;
   decltype(&baseline::combine) combine;
+  decltype(&baseline::l1_buckets) l1_buckets;
   decltype(&baseline::ties_select) ties_select;
   decltype(&baseline::ties_sign_sum) ties_sign_sum;
   decltype(&baseline::ties_merge) ties_merge;
 };
 
-#define FM_VARIANT(ns) {#ns, ns::combine, ns::ties_select, ns::ties_sign_sum, ns::ties_merge}
+#define FM_VARIANT(ns) {#ns, ns::combine, ns::l1_buckets, ns::ties_select, ns::ties_sign_sum, ns::ties_merge}
 
 Variant select_variant() {
 #if defined(FM_HAVE_X86_VARIANTS)
@@ -39,6 +40,10 @@ const char* cpu_isa() { return variant().name; }
 
 void cpu_combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   variant().combine(table, n_tensors, n_inputs);
+}
+
+void cpu_l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64_t* buckets) {
+  variant().l1_buckets(table, n_tensors, n_inputs, buckets);
 }
 
 void cpu_ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool model_scope, const int64_t* ks,

@@ -139,3 +139,18 @@ def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
         module.ties(jobs, spec)
     else:
         reference.ties_reference(jobs, spec)
+
+
+def l1_buckets(jobs: Sequence[CombineJob], backend: str):
+    """Exact L1 norm buckets of every job ([jobs, N, 2, 256], reference.l1_buckets_reference) on the
+    backend that will merge them; a backend without that kernel (cuda) hands over as for TIES."""
+    device = jobs[0].out.device
+    name = resolve(backend, device)
+    candidates = [name] + [n for n in AUTO_ORDER.get(device.type, ()) if n not in (name, "torch")
+                           and _STATUS[n]().available and device.type in _STATUS[n]().devices]
+    if all(kernel_supports(j) for j in jobs):
+        for candidate in candidates:
+            module = _import(candidate) if candidate != "torch" else None
+            if module is not None and hasattr(module, "l1_buckets"):
+                return module.l1_buckets(jobs)
+    return torch.stack([reference.l1_buckets_reference(j) for j in jobs])

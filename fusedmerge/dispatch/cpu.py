@@ -32,3 +32,12 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
                     spec.weighted_vote, ("sum", "mean", "max").index(spec.merge), spec.scaling, spec.drop_rescale,
                     spec.vote_tie == "majority")
     del keep
+
+
+def l1_buckets(jobs: Sequence[CombineJob]) -> torch.Tensor:
+    """reference.l1_buckets_reference of every job, stacked: [jobs, N, 2, 256] int64."""
+    table, keep = build_table(jobs)
+    buckets = torch.zeros((len(jobs), len(jobs[0].inputs), 2, 256), dtype=torch.int64)
+    _cpu.l1_buckets(table.data_ptr(), len(jobs), len(jobs[0].inputs), buckets.data_ptr())
+    del keep
+    return buckets

@@ -77,3 +77,16 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     ties_kernels.launch_merge(table, tile_tensor, tile_start, thresholds, merge=("sum", "mean", "max").index(spec.merge),
                               scaling=float(spec.scaling), tie_sign=tie_sign, **common)
     del keep
+
+
+def l1_buckets(jobs: Sequence[CombineJob]) -> torch.Tensor:
+    """reference.l1_buckets_reference of every job, stacked: [jobs, N, 2, 256] int64 on the CPU."""
+    device = jobs[0].out.device
+    block = kernels.BLOCK_INTERPRETER if device.type == "cpu" else kernels.BLOCK
+    table, keep = build_table(jobs)
+    tile_tensor, tile_start = _tiles(table, block, device)
+    buckets = torch.zeros((len(jobs), len(jobs[0].inputs), 2, 256), dtype=torch.int64, device=device)
+    kernels.launch_l1_buckets(table.to(device), tile_tensor, tile_start, buckets, n_inputs=len(jobs[0].inputs),
+                              block=block)
+    del keep
+    return buckets.cpu()
