@@ -211,39 +211,46 @@ inline float sign_of(float v) { return static_cast<float>(v > 0.0f) - static_cas
 
 // Trim and vote for one chunk; fills trimmed[m][j] and v[m][j], returns the elected sums in s[j].
 void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, const uint32_t* thr,
-                   int64_t start, int64_t n, const float* b, float* trimmed, float* v, float* s,
-                   uint32_t* words) {
+                   int64_t start, int64_t n, const float* __restrict b, float* __restrict trimmed,
+                   float* __restrict s, uint32_t* __restrict words) {
   for (int64_t m = 0; m < n_inputs; ++m) {
-    float* tr = trimmed + m * kChunk;
-    float* vm = v + m * kChunk;
-    load_tau(row, m, start, n, b, tr);
+    float* __restrict tr = trimmed + m * kChunk;
+    load_any(tr, row.input(m), row.input_dtype(m), start, n);
     if (row.drop_threshold() != 0) {
       const uint32_t T = row.drop_threshold();
       const float r = static_cast<float>(p.drop_rescale);
+      const bool scale = p.drop_rescale != 1.0;
       philox_words(words, row.key(m), start, n);
       for (int64_t j = 0; j < n; ++j) {
-        const float scaled = p.drop_rescale != 1.0 ? tr[j] * r : tr[j];
+        const float tau = tr[j] - b[j];
+        const float scaled = scale ? tau * r : tau;
         tr[j] = words[j] >= T ? scaled : 0.0f;
       }
     } else {
       const uint32_t t = thr[m];
-      for (int64_t j = 0; j < n; ++j) tr[j] = magnitude_bits(tr[j]) >= t ? tr[j] : 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float tau = tr[j] - b[j];
+        tr[j] = magnitude_bits(tau) >= t ? tau : 0.0f;
+      }
     }
-    const float w = static_cast<float>(row.coeff(m));
-    if (p.weighted_vote) {
-      for (int64_t j = 0; j < n; ++j) vm[j] = tr[j] * w;
+    const float w = p.weighted_vote ? static_cast<float>(row.coeff(m)) : 1.0f;
+    const bool count = p.elect_count, weighted = p.weighted_vote;
+    if (m == 0) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = weighted ? tr[j] * w : tr[j];
+        s[j] = count ? sign_of(v) : v;
+      }
     } else {
-      for (int64_t j = 0; j < n; ++j) vm[j] = tr[j];
-    }
-    if (p.elect_count) {
-      for (int64_t j = 0; j < n; ++j) s[j] = m == 0 ? sign_of(vm[j]) : s[j] + sign_of(vm[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) s[j] = m == 0 ? vm[j] : s[j] + vm[j];
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = weighted ? tr[j] * w : tr[j];
+        s[j] = s[j] + (count ? sign_of(v) : v);
+      }
     }
   }
 }
 
-// f(thread, row, scope, start, n, b, s, trimmed, v, words) for every chunk, after trimming and voting.
+// f(thread, row, start, n, b, s, trimmed) for every chunk, after trimming (trimmed[m][j] = τ̂) and voting
+// (s[j] = the elected sum or count).
 template <typename F>
 void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
                           const uint32_t* thresholds, F&& f) {
@@ -251,20 +258,19 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
   const Scopes scopes(table, n_tensors, n_inputs, p.model_scope);
 #pragma omp parallel
   {
-    std::vector<float> scratch(kChunk * (2 * n_inputs + 2));
+    std::vector<float> scratch(kChunk * (n_inputs + 2));
     std::vector<uint32_t> words(kChunk);
     float* b = scratch.data();
     float* s = b + kChunk;
     float* trimmed = s + kChunk;
-    float* v = trimmed + n_inputs * kChunk;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < chunks.total(); ++g) {
       const ChunkGrid::Span c = chunks[g];
       const TableRow row(table, n_inputs, c.row);
       load_base(row, c.start, c.n, b);
-      trim_and_vote(row, n_inputs, p, thresholds + scopes.scope_of(c.row) * n_inputs, c.start, c.n, b, trimmed,
-                    v, s, words.data());
-      f(omp_get_thread_num(), row, c.start, c.n, b, s, trimmed, v);
+      trim_and_vote(row, n_inputs, p, thresholds + scopes.scope_of(c.row) * n_inputs, c.start, c.n, b, trimmed, s,
+                    words.data());
+      f(omp_get_thread_num(), row, c.start, c.n, b, s, trimmed);
     }
   }
 }
@@ -275,7 +281,7 @@ int64_t ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inputs,
                       const uint32_t* thresholds) {
   std::vector<int64_t> partial(omp_get_max_threads(), 0);
   for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
-                       [&](int tid, const TableRow&, int64_t, int64_t n, const float*, const float* s, const float*,
+                       [&](int tid, const TableRow&, int64_t, int64_t n, const float*, const float* s,
                            const float*) {
                          for (int64_t j = 0; j < n; ++j) partial[tid] += static_cast<int64_t>(sign_of(s[j]));
                        });
@@ -289,17 +295,17 @@ namespace {
 // m = Σ agree·u (Sum), with den = Σ agree·w (Mean), or max agree·|u| (Max); then out = b + λ·m.
 template <int64_t Mode>
 void merge_chunk(const TableRow& row, int64_t n_inputs, const TiesParams& p, int64_t start, int64_t n,
-                 const float* __restrict b, const float* __restrict sigma, const float* __restrict trimmed,
-                 const float* __restrict v) {
+                 const float* __restrict b, const float* __restrict sigma, const float* __restrict trimmed) {
   alignas(64) float merged[kChunk];
   alignas(64) float den[kChunk];
   for (int64_t m = 0; m < n_inputs; ++m) {
     const float w = static_cast<float>(row.coeff(m));
     const float* __restrict tr = trimmed + m * kChunk;
-    const float* __restrict vm = v + m * kChunk;
+    const bool weighted = p.weighted_vote;
     for (int64_t j = 0; j < n; ++j) {
-      const bool agree = (vm[j] > 0.0f) & (sigma[j] > 0.0f) | (vm[j] < 0.0f) & (sigma[j] < 0.0f);
       const float u = tr[j] * w;
+      const float v = weighted ? u : tr[j];  // the voted value
+      const bool agree = ((v > 0.0f) & (sigma[j] > 0.0f)) | ((v < 0.0f) & (sigma[j] < 0.0f));
       if (Mode == kMergeMax) {
         const float mag = agree ? std::fabs(u) : 0.0f;
         const float cur = merged[j];
@@ -331,14 +337,14 @@ void ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const
                 const uint32_t* thresholds, float tie_sign) {
   for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
                        [&](int, const TableRow& row, int64_t start, int64_t n, const float* b, float* s,
-                           const float* trimmed, const float* v) {
+                           const float* trimmed) {
     for (int64_t j = 0; j < n; ++j) {
       const float sg = sign_of(s[j]);
       s[j] = sg == 0.0f ? tie_sign : sg;  // s now holds the elected sign σ
     }
-    if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed, v);
-    else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed, v);
-    else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed, v);
+    if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed);
+    else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed);
+    else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed);
   });
 }
 
