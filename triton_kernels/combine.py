@@ -85,13 +85,21 @@ def _term(row, i, b, start, offs, mask, threshold, HAS_BASE: tl.constexpr, ACC_F
 
 
 @triton.jit
-def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, ACC_F64: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile: its row index t in the table, the row's address, its first element, the
+    element offsets and their bounds mask."""
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(tile_tensor_ptr + pid) * (6 + 4 * N)
+    t = tl.load(tile_tensor_ptr + pid)
+    row = table_ptr + t * (6 + 4 * N)
     start = tl.load(tile_start_ptr + pid)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(row + 2)
+    return t, row, start, offs, offs < tl.load(row + 2)
+
+
+@triton.jit
+def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, ACC_F64: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    _, row, start, offs, mask = tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N, BLOCK)
     base_addr = tl.load(row + 3)
     threshold = tl.load(row + 5)
     if base_addr != 0:
@@ -118,12 +126,7 @@ def launch(table, tile_tensor, tile_start, *, n_inputs, acc_f64, block):
 def l1_buckets_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, buckets_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
     """Σ|τᵢ| and Σ keepᵢ·|τᵢ| (τᵢ = xᵢ − b, fp32) as int64 sums of mantissas per exponent, by atomics into
     buckets[row, i, {all, kept}, 256] — integer sums, so the same on every backend (reference.py)."""
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor_ptr + pid)
-    row = table_ptr + t * (6 + 4 * N)
-    start = tl.load(tile_start_ptr + pid)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(row + 2)
+    t, row, start, offs, mask = tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N, BLOCK)
     b = _load_acc(tl.load(row + 3), tl.load(row + 4), offs, mask, False)
     drop = tl.load(row + 5)
     for i in tl.static_range(N):

@@ -13,7 +13,7 @@ values. The vote kernel alone returns each tile's Σ σ, for vote_tie = majority
 import triton
 import triton.language as tl
 
-from .combine import _load_acc, _store_rounded, _words
+from .combine import _load_acc, _store_rounded, _words, tile_of
 
 BLOCK = 1024
 BLOCK_INTERPRETER = 1 << 14
@@ -60,12 +60,7 @@ def _vote(row, b, start, offs, mask, thr_row, rescale, N: tl.constexpr, WEIGHTED
 @triton.jit
 def _tile(table_ptr, tile_tensor_ptr, tile_start_ptr, thr_ptr, MODEL_SCOPE: tl.constexpr, N: tl.constexpr,
           BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor_ptr + pid)
-    row = table_ptr + t * (6 + 4 * N)
-    start = tl.load(tile_start_ptr + pid)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(row + 2)
+    t, row, start, offs, mask = tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N, BLOCK)
     if MODEL_SCOPE:
         thr_row = thr_ptr
     else:
