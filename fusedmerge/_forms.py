@@ -128,7 +128,9 @@ def check_out_dtype(out_dtype) -> None:
 
 
 def _span(t: torch.Tensor):
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    """The bytes a tensor can touch, strides included (views are not always contiguous)."""
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _check_out(key: str, out: torch.Tensor, like: torch.Tensor, sources: Sequence[torch.Tensor], out_dtype) -> None:

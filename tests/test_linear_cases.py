@@ -122,6 +122,9 @@ def test_out_writes_in_place_and_may_alias_an_input(backend, clip_tiny):
     x = torch.arange(10.0)
     with pytest.raises(ValueError, match="partially overlaps"):
         fusedmerge.average([x[:8], x[2:]], out=x[1:9], backend=backend)
+    wide = torch.arange(20.0)
+    with pytest.raises(ValueError, match="partially overlaps"):  # a strided input spanning the output
+        fusedmerge.average([wide[0:20:4], wide[1:20:4]], out=wide[8:13], backend=backend)
     with pytest.raises(ValueError, match="contiguous"):
         fusedmerge.average([x[::2], x[1::2]], out=torch.empty(10)[::2], backend=backend)
 

@@ -114,11 +114,11 @@ def combine(jobs: Sequence[CombineJob], backend: str) -> None:
     if not jobs:
         return
     name = resolve(backend, jobs[0].out.device)
-    fused = [j for j in jobs if name != "torch" and kernel_supports(j)]
-    if fused:
-        _import(name).combine(fused)
-    if len(fused) < len(jobs):
-        reference.combine([j for j in jobs if not (name != "torch" and kernel_supports(j))])
+    fits = [name != "torch" and kernel_supports(j) for j in jobs]
+    if any(fits):
+        _import(name).combine([j for j, f in zip(jobs, fits) if f])
+    if not all(fits):
+        reference.combine([j for j, f in zip(jobs, fits) if not f])
 
 
 def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
