@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -108,17 +108,21 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def combine(jobs: Sequence[CombineJob], backend: str) -> None:
-    """Run linear-combination jobs (all on one device, all with the same number of inputs) on `backend`;
+    """Run linear-combination jobs (all on one device) on `backend`, one launch per number of inputs;
     jobs no kernel handles (other dtypes) go to the torch reference, which defines the result anyway."""
     jobs = [j for j in jobs if j.out.numel() > 0]
     if not jobs:
         return
     name = resolve(backend, jobs[0].out.device)
     fits = [name != "torch" and kernel_supports(j) for j in jobs]
-    if any(fits):
-        _import(name).combine([j for j, f in zip(jobs, fits) if f])
     if not all(fits):
         reference.combine([j for j, f in zip(jobs, fits) if not f])
+    by_count: Dict[int, List[CombineJob]] = {}
+    for job, fit in zip(jobs, fits):
+        if fit:
+            by_count.setdefault(len(job.inputs), []).append(job)
+    for group in by_count.values():
+        _import(name).combine(group)
 
 
 def ties(jobs: Sequence[CombineJob], spec, backend: str) -> None:
