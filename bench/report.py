@@ -1,6 +1,7 @@
 """Markdown summary of a pytest-benchmark JSON from bench/: per group, each implementation's best time,
 its % of the copy limit measured in the same run and its speed-up over the eager loop (linear ops), or
-its time relative to fused task arithmetic and its peak extra memory (DARE/TIES).
+its time relative to fused task arithmetic and its peak extra memory (DARE/TIES), or its time per step
+and speed-up over the reference (OPCM).
 
     python bench/report.py bench/results/NAME.json > bench/results/NAME.md
 """
@@ -19,6 +20,8 @@ def main(path: str) -> None:
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         groups[b["group"]][b["params"]["impl"]] = b
+    if all(b["extra_info"].get("per") == "step" for b in data["benchmarks"]):
+        return _per_step(groups)
     sparse = any("peak_extra_mb" in b["extra_info"] for b in data["benchmarks"])
     if sparse:
         print("| group | implementation | best ms | × fused task arithmetic | peak extra memory MB |")
@@ -38,6 +41,18 @@ def main(path: str) -> None:
             pct = f"{100 * copy['stats']['min'] / t:.0f}%" if copy else ""
             speed = f"{eager['stats']['min'] / t:.1f}×" if eager else ""
             print(f"| {group} | {name} | {t * 1e3:.1f} | {pct} | {speed} |")
+
+
+def _per_step(groups) -> None:
+    print("| group | implementation | steps timed | best s/step | mean s/step | × faster than reference | peak extra MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for group, impls in groups.items():
+        ref = impls.get("reference")
+        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["mean"]):
+            st = b["stats"]
+            speed = f"{ref['stats']['mean'] / st['mean']:.1f}×" if ref else ""
+            print(f"| {group} | {name} | {st['rounds']} | {st['min']:.2f} | {st['mean']:.2f} | {speed} | "
+                  f"{b['extra_info']['peak_extra_mb']} |")
 
 
 if __name__ == "__main__":
