@@ -1,10 +1,13 @@
-"""Command line: ``fusedmerge demo`` merges synthetic CLIP ViT checkpoints with every backend present and
-reports time, % of the measured bandwidth limit and the difference from the reference;
-``fusedmerge backends`` lists the backends and why any is missing."""
+"""Command line: ``fusedmerge merge CONFIG.yml OUT_DIR`` merges model directories as a mergekit-style
+configuration says, streaming with bounded memory (and across processes under torchrun);
+``fusedmerge demo`` merges synthetic CLIP ViT checkpoints with every backend present and reports time, %
+of the measured bandwidth limit and the difference from the reference; ``fusedmerge backends`` lists the
+backends and why any is missing."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -63,6 +66,38 @@ def demo(args) -> int:
     return 0
 
 
+def _default_budget() -> int:
+    return min(4 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+
+
+def merge(args) -> int:
+    from .checkpoint import config as merge_config
+    from .checkpoint.merge import Options, run
+    from .checkpoint.safetensors import CheckpointError
+
+    try:
+        cfg = merge_config.load(args.config)
+        if args.seed is not None:
+            cfg.seed = args.seed
+        if args.shard_size is not None:
+            cfg.shard_size = merge_config.parse_size(args.shard_size)
+        budget = merge_config.parse_size(args.memory_budget) if args.memory_budget else _default_budget()
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.type not in ("cpu", "cuda"):
+            raise merge_config.ConfigError(f"--device must be cpu or cuda[:i], got {args.device!r}")
+        started = time.perf_counter()
+        run(cfg, args.out_dir, Options(device, budget, args.backend, args.overwrite, not args.quiet))
+    except (merge_config.ConfigError, CheckpointError, FileExistsError, MemoryError, ValueError, RuntimeError,
+            OSError) as e:
+        print(f"fusedmerge merge: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, merge_config.ConfigError) else 1
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"merged into {args.out_dir} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fusedmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,11 +108,24 @@ def main(argv=None) -> int:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the best is reported")
     sub.add_parser("backends", help="list the backends and why any is missing")
+    m = sub.add_parser("merge", help="merge model directories as a mergekit-style YAML configuration says")
+    m.add_argument("config", help="YAML configuration (mergekit schema: linear, task_arithmetic, ties, "
+                   "dare_linear, dare_ties; or opcm)")
+    m.add_argument("out_dir", help="output directory (must be empty or absent unless --overwrite)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:i] (under torchrun, cuda takes LOCAL_RANK)")
+    m.add_argument("--memory-budget", help="bytes of tensors held at once, e.g. 2GB (default: min(4 GiB, RAM/4))")
+    m.add_argument("--seed", type=int, help="seed of the DARE masks (overrides the configuration's)")
+    m.add_argument("--shard-size", help="largest output shard, e.g. 2GB (default 2 GiB)")
+    m.add_argument("--backend", default="auto", help="kernel backend (see `fusedmerge backends`)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    m.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.models < 1 or args.repeat < 1:
             parser.error("--models and --repeat must be at least 1")
         return demo(args)
+    if args.command == "merge":
+        return merge(args)
     for name, s in backends().items():
         print(f"{name:<8}{'available' if s.available else 'missing':<11}{s.reason}")
     return 0

@@ -98,3 +98,52 @@ def clip_vit_models(model: str = "B/32", n: int = 8, *, dtype=torch.float32, see
     """A base and `n` fine-tuned variants of a CLIP ViT config."""
     base = clip_vit_base(model, dtype=dtype, seed=seed)
     return base, [clip_vit_finetuned(base, i, seed=seed) for i in range(n)]
+
+
+def llama_shapes(hidden: int = 2048, layers: int = 16, intermediate: int = 5632, vocab: int = 32000,
+                 kv_hidden: int = None) -> Dict[str, Tuple[int, ...]]:
+    """Key → shape of a Llama-style causal LM (``LlamaForCausalLM`` names); the defaults make ≈ 0.95B
+    parameters, the size of the mergekit end-to-end benchmark."""
+    kv = kv_hidden or hidden
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def write_checkpoint(directory: str, shapes: Dict[str, Tuple[int, ...]], index: int = -1, *,
+                     dtype=torch.bfloat16, seed: int = 0, shard_size: int = 500 * 10**6, noise: float = 1e-3) -> None:
+    """A Hugging Face style model directory (sharded safetensors + index, config, tokenizer config) written
+    tensor by tensor: the base for index = -1, else fine-tuned variant `index` (base + Gaussian noise).
+    Each tensor is generated from (seed, its name), so nothing is held beyond one tensor."""
+    import json
+    import os
+    import zlib
+
+    from .checkpoint.output import ShardPlan, ShardWriter, write_index
+
+    os.makedirs(directory, exist_ok=True)
+    plan = ShardPlan([(k, dtype, s) for k, s in shapes.items()], shard_size, 1)
+    writer = ShardWriter(plan, directory, 0)
+    for key, shape in shapes.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        t = torch.randn(shape, generator=g) * 0.02 + (1.0 if "norm" in key else 0.0)
+        if index >= 0:
+            g.manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()) + 7919 * (index + 1))
+            t += torch.randn(shape, generator=g) * noise
+        writer.write(key, t.to(dtype))
+    writer.close()
+    write_index(directory, plan)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(dtype)[6:],
+                   "hidden_size": shapes["model.norm.weight"][0], "vocab_size": shapes["model.embed_tokens.weight"][0],
+                   "num_hidden_layers": sum(k.endswith("input_layernorm.weight") for k in shapes)}, f, indent=2)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}, f)

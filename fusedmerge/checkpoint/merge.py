@@ -1,0 +1,239 @@
+"""`fusedmerge merge CONFIG OUT_DIR`: merge model directories tensor by tensor with bounded memory.
+
+Plan (the same on every rank, from the headers alone): the output keys in the reference model's order
+(the base, or the first model for linear), cut into shards of at most `shard_size` bytes, each shard owned
+by one rank (balanced by bytes). A rank streams its keys in groups of at most half the memory budget: while
+one group is merged and written, the next one's pages are read (a prefetch thread behind madvise
+WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is written. Shards are
+written as they fill, into a temporary directory beside OUT_DIR that is renamed to OUT_DIR only when every
+rank has finished; a failure anywhere removes it and says why.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import MergeConfig
+from .methods import merge_group
+from .model_dir import ModelDir
+from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
+from .safetensors import CheckpointError, element_size
+
+
+@dataclass
+class Options:
+    device: torch.device
+    memory_budget: int
+    backend: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+class Progress:
+    """Tensors and bytes written, and the rate, on stderr (a line a second at most)."""
+
+    def __init__(self, total_tensors: int, total_bytes: int, enabled: bool, rank: int):
+        self.total, self.total_bytes, self.enabled, self.rank = total_tensors, total_bytes, enabled, rank
+        self.done = self.bytes = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, tensors: int, nbytes: int) -> None:
+        self.done += tensors
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= 1.0 or self.done == self.total):
+            self.last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 1e6
+            end = "\n" if self.done == self.total or not sys.stderr.isatty() else "\r"
+            who = f"rank {self.rank}: " if self.rank else ""
+            print(f"{who}{self.done}/{self.total} tensors, {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB "
+                  f"written, {rate:.0f} MB/s", end=end, file=sys.stderr, flush=True)
+
+
+def _check_architectures(reference: ModelDir, others: Sequence[Tuple[str, ModelDir]]) -> None:
+    problems = []
+    ref_keys = set(reference.where)
+    for label, m in others:
+        missing = sorted(ref_keys - set(m.where))
+        extra = sorted(set(m.where) - ref_keys)
+        shapes = [f"{k}: {m.entry(k)[1]} vs {reference.entry(k)[1]}" for k in reference.where
+                  if k in m.where and m.entry(k)[1] != reference.entry(k)[1]]
+        for what, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes)):
+            if items:
+                problems.append(f"{label} ({m.path}): {len(items)} {what}: {items[:10]}{' ...' if len(items) > 10 else ''}")
+    if problems:
+        raise CheckpointError("the models do not share one architecture:\n  " + "\n  ".join(problems))
+
+
+def _groups(keys: Sequence[str], cost: Dict[str, int], limit: int) -> List[List[str]]:
+    groups, current, size = [], [], 0
+    for k in keys:
+        if current and size + cost[k] > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(k)
+        size += cost[k]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _touch(dirs: Sequence[ModelDir], keys: Sequence[str]) -> None:
+    """Read the group's pages now (in the prefetch thread) so that the merge finds them in memory."""
+    for d in dirs:
+        d.prefetch(keys)
+        for k in keys:
+            t = d.tensor(k)
+            if t.numel():
+                t.reshape(-1).view(torch.uint8)[:: 4096].sum()
+
+
+class Distributed:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPUs."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.dist = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.dist = dist
+
+    def broadcast(self, value):
+        if self.dist is None:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, value) -> list:
+        if self.dist is None:
+            return [value]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
+    def close(self) -> None:
+        if self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if os.listdir(out_dir) and not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
+
+
+def _finish(tmp: str, out_dir: str) -> None:
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full ({e.filename or 'writing the output'})"
+    return f"{type(e).__name__}: {e}"
+
+
+def run(cfg: MergeConfig, out_dir: str, opts: Options) -> None:
+    """Merge as `cfg` says into `out_dir` (see the module docstring)."""
+    out_dir = os.path.abspath(out_dir)
+    dist = Distributed(opts.device)
+    try:
+        _run(cfg, out_dir, opts, dist)
+    finally:
+        dist.close()
+
+
+def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> None:
+    if dist.rank == 0:
+        _prepare_out_dir(out_dir, opts.overwrite)
+    base = ModelDir(cfg.base) if cfg.base else None
+    models = [ModelDir(m.path) for m in cfg.models]
+    reference = base or models[0]
+    labels = [("base_model", base)] if base else []
+    _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models)] +
+                         [(lbl, d) for lbl, d in labels if d is not reference])
+    dirs = ([base] if base else []) + models
+    keys = list(reference.where)
+    out_dtypes = {}
+    for k in keys:
+        dtype = reference.entry(k)[0]
+        for d in dirs:
+            dtype = torch.promote_types(dtype, d.entry(k)[0]) if dtype.is_floating_point else dtype
+        out_dtypes[k] = cfg.out_dtype if (cfg.out_dtype is not None and dtype.is_floating_point) else dtype
+    plan = ShardPlan([(k, out_dtypes[k], reference.entry(k)[1]) for k in keys], cfg.shard_size, dist.world)
+    tmp = None
+    if dist.rank == 0:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.fusedmerge-", dir=os.path.dirname(out_dir))
+    tmp = dist.broadcast(tmp)
+    error = None
+    try:
+        if cfg.method == "opcm":
+            if dist.world > 1:
+                raise ValueError("opcm merges models one after another over the whole model; run it with one process")
+            from .opcm_stream import merge_opcm
+            merge_opcm(cfg, base, models, plan, tmp, opts)
+        else:
+            _stream(cfg, dirs, base is not None, plan, tmp, opts, dist.rank)
+    except BaseException as e:  # noqa: BLE001 — every rank must reach the gather below
+        error = _describe(e)
+        if not isinstance(e, Exception):
+            raise
+    errors = [e for e in dist.all_gather(error) if e]
+    try:
+        if errors:
+            raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
+        if dist.rank == 0:
+            write_index(tmp, plan)
+            copy_model_files(reference.path, tmp)
+            write_model_card(tmp, cfg, plan)
+            _finish(tmp, out_dir)
+    finally:
+        if dist.rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in dirs:
+            d.close()
+
+
+def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardPlan, tmp: str, opts: Options,
+            rank: int) -> None:
+    mine = plan.keys_of(rank)
+    cost = {k: sum(d.nbytes(k) for d in dirs) + plan.nbytes(k) for k in mine}
+    groups = _groups(mine, cost, max(opts.memory_budget // 2, 1))
+    writer = ShardWriter(plan, tmp, rank)
+    progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_touch, dirs, groups[0]) if groups else None
+        for i, group in enumerate(groups):
+            pending.result()
+            if i + 1 < len(groups):
+                pending = pool.submit(_touch, dirs, groups[i + 1])
+            sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
+            base_sd = sds[0] if has_base else None
+            model_sds = sds[1:] if has_base else sds
+            merged = merge_group(cfg, base_sd, model_sds, cfg.out_dtype, opts.backend)
+            del sds, base_sd, model_sds
+            for k in group:
+                writer.write(k, merged.pop(k).to("cpu"))
+            for d in dirs:
+                d.release(group)
+            progress.update(len(group), sum(plan.nbytes(k) for k in group))
+    writer.close()

@@ -1,0 +1,122 @@
+"""The output directory: a shard plan fixed before any tensor is merged, shards written as they fill, the
+index, the base's config and tokenizer files, and a model card."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .config import MergeConfig
+from .safetensors import element_size, header_bytes, tensor_bytes
+
+INDEX = "model.safetensors.index.json"
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
+               "merges.txt", "added_tokens.json", "*.model", "preprocessor_config.json", "chat_template*")
+
+
+class ShardPlan:
+    """Keys cut into consecutive shards of at most `shard_size` bytes (a larger tensor gets its own), each
+    shard owned by one of `world` ranks: the largest unassigned shard goes to the least loaded rank."""
+
+    def __init__(self, entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], shard_size: int, world: int):
+        self.entries = {k: (dtype, tuple(shape)) for k, dtype, shape in entries}
+        self.shards: List[List[str]] = []
+        size = 0
+        for k in self.entries:
+            n = self.nbytes(k)
+            if not self.shards or (size + n > shard_size and size > 0):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(k)
+            size += n
+        count = len(self.shards)
+        self.names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.shard_of = {k: i for i, keys in enumerate(self.shards) for k in keys}
+        load = [0] * world
+        self.owner = [0] * count
+        for i in sorted(range(count), key=lambda i: (-self.shard_bytes(i), i)):
+            rank = min(range(world), key=lambda r: (load[r], r))
+            self.owner[i] = rank
+            load[rank] += self.shard_bytes(i)
+
+    def nbytes(self, key: str) -> int:
+        dtype, shape = self.entries[key]
+        return math.prod(shape) * element_size(dtype)
+
+    def shard_bytes(self, i: int) -> int:
+        return sum(self.nbytes(k) for k in self.shards[i])
+
+    def keys_of(self, rank: int) -> List[str]:
+        return [k for i, keys in enumerate(self.shards) if self.owner[i] == rank for k in keys]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(k) for k in self.entries)
+
+
+class ShardWriter:
+    """Writes the shards one rank owns, each as soon as its first tensor arrives, in plan order."""
+
+    def __init__(self, plan: ShardPlan, directory: str, rank: int):
+        self.plan, self.directory = plan, directory
+        self.mine = [i for i, r in enumerate(plan.owner) if r == rank]
+        self.file, self.shard, self.next = None, None, 0
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        i = self.plan.shard_of[key]
+        if i != self.shard:
+            if self.file is not None:
+                raise RuntimeError(f"internal: shard {self.plan.names[self.shard]} left incomplete")
+            keys = self.plan.shards[i]
+            head, _ = header_bytes([(k, *self.plan.entries[k]) for k in keys], {"format": "pt"})
+            self.file = open(os.path.join(self.directory, self.plan.names[i]), "wb")
+            self.file.write(head)
+            self.shard, self.next = i, 0
+        keys = self.plan.shards[i]
+        dtype, shape = self.plan.entries[key]
+        if keys[self.next] != key or t.dtype != dtype or tuple(t.shape) != shape:
+            raise RuntimeError(f"internal: {key} ({t.dtype}, {tuple(t.shape)}) out of the plan's order or form")
+        self.file.write(tensor_bytes(t))
+        self.next += 1
+        if self.next == len(keys):
+            self.file.close()
+            self.file = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            raise RuntimeError(f"internal: shard {self.plan.names[self.shard]} left incomplete")
+
+
+def write_index(directory: str, plan: ShardPlan) -> None:
+    weight_map: Dict[str, str] = {k: plan.names[plan.shard_of[k]] for k in plan.entries}
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}, f, indent=2)
+
+
+def copy_model_files(source: str, directory: str) -> None:
+    """The config, generation config and tokenizer files of `source`."""
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in MODEL_FILES):
+            shutil.copyfile(path, os.path.join(directory, name))
+
+
+def write_model_card(directory: str, cfg: MergeConfig, plan: ShardPlan) -> None:
+    from .. import __version__
+
+    models = "\n".join(f"- `{m.path}` (weight {m.weight}{f', density {m.density}' if m.density is not None else ''})"
+                       for m in cfg.models)
+    card = (f"---\ntags:\n- merge\n- fusedmerge\n---\n# Merged model\n\n"
+            f"Merged with fusedmerge {__version__}, method `{cfg.method}`"
+            f"{f' on base `{cfg.base}`' if cfg.base else ''}, seed {cfg.seed}; "
+            f"{len(plan.entries)} tensors, {plan.total_bytes / 1e9:.2f} GB in {len(plan.shards)} shard(s).\n\n"
+            f"Models, in order:\n{models}\n\nConfiguration:\n\n```yaml\n{cfg.text.strip()}\n```\n")
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
