@@ -1,7 +1,7 @@
 """Markdown summary of a pytest-benchmark JSON from bench/: per group, each implementation's best time,
 its % of the copy limit measured in the same run and its speed-up over the eager loop (linear ops), or
-its time relative to fused task arithmetic and its peak extra memory (DARE/TIES), or its time per step
-and speed-up over the reference (OPCM).
+its time relative to fused task arithmetic and its peak extra memory (DARE/TIES), its time per step
+and speed-up over the reference (OPCM), or wall time and peak RSS against mergekit (end to end).
 
     python bench/report.py bench/results/NAME.json > bench/results/NAME.md
 """
@@ -22,6 +22,8 @@ def main(path: str) -> None:
         groups[b["group"]][b["params"]["impl"]] = b
     if all(b["extra_info"].get("per") == "step" for b in data["benchmarks"]):
         return _per_step(groups)
+    if all(b["extra_info"].get("per") == "e2e" for b in data["benchmarks"]):
+        return _end_to_end(groups)
     sparse = any("peak_extra_mb" in b["extra_info"] for b in data["benchmarks"])
     if sparse:
         print("| group | implementation | best ms | × fused task arithmetic | peak extra memory MB |")
@@ -53,6 +55,18 @@ def _per_step(groups) -> None:
             speed = f"{ref['stats']['mean'] / st['mean']:.1f}×" if ref else ""
             print(f"| {group} | {name} | {st['rounds']} | {st['min']:.2f} | {st['mean']:.2f} | {speed} | "
                   f"{b['extra_info']['peak_extra_mb']} |")
+
+
+def _end_to_end(groups) -> None:
+    print("| group | command | wall s | × faster than mergekit | peak RSS MB | share of mergekit's RSS |")
+    print("|---|---|---:|---:|---:|---:|")
+    for group, impls in groups.items():
+        mk = impls.get("mergekit")
+        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["extra_info"]["wall_s"]):
+            e = b["extra_info"]
+            speed = f"{mk['extra_info']['wall_s'] / e['wall_s']:.1f}×" if mk else ""
+            share = f"{e['peak_rss_mb'] / mk['extra_info']['peak_rss_mb']:.2f}" if mk else ""
+            print(f"| {group} | {name} | {e['wall_s']:.1f} | {speed} | {e['peak_rss_mb']} | {share} |")
 
 
 if __name__ == "__main__":

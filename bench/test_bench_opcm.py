@@ -8,7 +8,6 @@ the step, is timed on fewer steps to keep the run short. Issue target: ≥ 5× o
 """
 
 import pytest
-import torch
 
 from fusedmerge.opcm import ContinualMerger, looks_linear, opcm_reference
 from fusedmerge.perf import sync
@@ -64,7 +63,7 @@ def test_opcm_step(benchmark, model, impl):
         sync(DEVICE)
 
     (first,), _ = next_model()
-    peak = peak_extra_memory(lambda: step(first))
+    peak = peak_extra_memory(lambda m=first: step(m))
     del first
     rounds = TASKS - 2 if impl == "fused" else REFERENCE_STEPS[model]
     benchmark.group = f"opcm {model} {TASKS} tasks fp32"

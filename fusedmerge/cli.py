@@ -66,8 +66,7 @@ def demo(args) -> int:
     return 0
 
 
-def _default_budget() -> int:
-    return min(4 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+DEFAULT_BUDGET = "256MiB"
 
 
 def merge(args) -> int:
@@ -81,7 +80,7 @@ def merge(args) -> int:
             cfg.seed = args.seed
         if args.shard_size is not None:
             cfg.shard_size = merge_config.parse_size(args.shard_size)
-        budget = merge_config.parse_size(args.memory_budget) if args.memory_budget else _default_budget()
+        budget = merge_config.parse_size(args.memory_budget)
         device = torch.device(args.device)
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -113,7 +112,8 @@ def main(argv=None) -> int:
                    "dare_linear, dare_ties; or opcm)")
     m.add_argument("out_dir", help="output directory (must be empty or absent unless --overwrite)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i] (under torchrun, cuda takes LOCAL_RANK)")
-    m.add_argument("--memory-budget", help="bytes of tensors held at once, e.g. 2GB (default: min(4 GiB, RAM/4))")
+    m.add_argument("--memory-budget", default=DEFAULT_BUDGET, help="bytes of input and output tensors held at "
+                   "once, prefetch included, e.g. 2GB (default 256MiB; a larger tensor is merged alone)")
     m.add_argument("--seed", type=int, help="seed of the DARE masks (overrides the configuration's)")
     m.add_argument("--shard-size", help="largest output shard, e.g. 2GB (default 2 GiB)")
     m.add_argument("--backend", default="auto", help="kernel backend (see `fusedmerge backends`)")

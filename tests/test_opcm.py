@@ -236,7 +236,7 @@ def test_modules_in_module_out_with_linear_layers_from_the_tree():
     torch.manual_seed(0)
     base = transformers.CLIPVisionModel(cfg).eval()
     models = []
-    for i in range(3):
+    for _ in range(3):
         m = transformers.CLIPVisionModel(cfg).eval()
         m.load_state_dict({k: v + 1e-2 * torch.randn_like(v) for k, v in base.state_dict().items()})
         models.append(m)

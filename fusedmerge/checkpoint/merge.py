@@ -16,11 +16,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -28,7 +27,7 @@ from .config import MergeConfig
 from .methods import merge_group
 from .model_dir import ModelDir
 from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
-from .safetensors import CheckpointError, element_size
+from .safetensors import CheckpointError
 
 
 @dataclass
@@ -90,9 +89,11 @@ def _groups(keys: Sequence[str], cost: Dict[str, int], limit: int) -> List[List[
 
 
 def _touch(dirs: Sequence[ModelDir], keys: Sequence[str]) -> None:
-    """Read the group's pages now (in the prefetch thread) so that the merge finds them in memory."""
+    """Read and map the group's pages now (in the prefetch thread) so that the merge finds them in memory;
+    by touching one byte per page where the kernel cannot populate a range itself."""
     for d in dirs:
-        d.prefetch(keys)
+        if d.prefetch(keys):
+            continue
         for k in keys:
             t = d.tensor(k)
             if t.numel():
@@ -163,15 +164,40 @@ def run(cfg: MergeConfig, out_dir: str, opts: Options) -> None:
 
 
 def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> None:
+    tmp, refused = None, None
     if dist.rank == 0:
-        _prepare_out_dir(out_dir, opts.overwrite)
-    base = ModelDir(cfg.base) if cfg.base else None
-    models = [ModelDir(m.path) for m in cfg.models]
-    reference = base or models[0]
-    labels = [("base_model", base)] if base else []
-    _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models)] +
-                         [(lbl, d) for lbl, d in labels if d is not reference])
-    dirs = ([base] if base else []) + models
+        try:
+            _prepare_out_dir(out_dir, opts.overwrite)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.fusedmerge-", dir=os.path.dirname(out_dir))
+        except OSError as e:
+            refused = str(e)
+    tmp, refused = dist.broadcast((tmp, refused))  # every rank learns of a refusal: none waits forever
+    if refused:
+        raise FileExistsError(refused)
+    try:
+        _merge(cfg, out_dir, opts, dist, tmp)
+    finally:
+        if dist.rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str) -> None:
+    dirs: List[ModelDir] = []
+    try:
+        for path in ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]:
+            dirs.append(ModelDir(path))
+        _merge_dirs(cfg, out_dir, opts, dist, tmp, dirs)
+    finally:
+        for d in dirs:
+            d.close()
+
+
+def _merge_dirs(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str,
+                dirs: List[ModelDir]) -> None:
+    base = dirs[0] if cfg.base else None
+    models = dirs[1:] if cfg.base else dirs
+    reference = dirs[0]
+    _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models) if m is not reference])
     keys = list(reference.where)
     out_dtypes = {}
     for k in keys:
@@ -180,10 +206,6 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> No
             dtype = torch.promote_types(dtype, d.entry(k)[0]) if dtype.is_floating_point else dtype
         out_dtypes[k] = cfg.out_dtype if (cfg.out_dtype is not None and dtype.is_floating_point) else dtype
     plan = ShardPlan([(k, out_dtypes[k], reference.entry(k)[1]) for k in keys], cfg.shard_size, dist.world)
-    tmp = None
-    if dist.rank == 0:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.fusedmerge-", dir=os.path.dirname(out_dir))
-    tmp = dist.broadcast(tmp)
     error = None
     try:
         if cfg.method == "opcm":
@@ -198,19 +220,13 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> No
         if not isinstance(e, Exception):
             raise
     errors = [e for e in dist.all_gather(error) if e]
-    try:
-        if errors:
-            raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
-        if dist.rank == 0:
-            write_index(tmp, plan)
-            copy_model_files(reference.path, tmp)
-            write_model_card(tmp, cfg, plan)
-            _finish(tmp, out_dir)
-    finally:
-        if dist.rank == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        for d in dirs:
-            d.close()
+    if errors:
+        raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
+    if dist.rank == 0:
+        write_index(tmp, plan)
+        copy_model_files(reference.path, tmp)
+        write_model_card(tmp, cfg, plan)
+        _finish(tmp, out_dir)
 
 
 def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardPlan, tmp: str, opts: Options,

@@ -116,9 +116,9 @@ class ModelDir:
                 out.setdefault(self.where[k], []).append(k)
         return out
 
-    def prefetch(self, keys: Sequence[str]) -> None:
-        for file, names in self._by_file(keys).items():
-            self._files[file].prefetch(names)
+    def prefetch(self, keys: Sequence[str]) -> bool:
+        """Map these tensors' pages now; False where some could only be scheduled for readahead."""
+        return all([self._files[file].prefetch(names) for file, names in self._by_file(keys).items()])
 
     def release(self, keys: Sequence[str]) -> None:
         for file, names in self._by_file(keys).items():

@@ -27,6 +27,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20
 PAGE = mmap.PAGESIZE
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class CheckpointError(ValueError):
@@ -119,9 +120,15 @@ class SafetensorsFile:
             if e.end > start:
                 self._map.madvise(advice, start, e.end - start)
 
-    def prefetch(self, names: Sequence[str]) -> None:
-        """Ask the kernel to start reading these tensors' pages (returns at once)."""
-        self._advise(names, mmap.MADV_WILLNEED)
+    def prefetch(self, names: Sequence[str]) -> bool:
+        """Read these tensors' pages and map them now (MADV_POPULATE_READ, Linux ≥ 5.14), so that using them
+        takes no page faults; where the kernel lacks it, only ask for readahead and return False."""
+        try:
+            self._advise(names, MADV_POPULATE_READ)
+            return True
+        except OSError:
+            self._advise(names, mmap.MADV_WILLNEED)
+            return False
 
     def release(self, names: Sequence[str]) -> None:
         """Drop these tensors' pages from the process: they are read again from the file if used again.

@@ -1,0 +1,84 @@
+"""End to end, from disk to disk: `fusedmerge merge` against `mergekit-yaml` (mergekit from PyPI, bench
+extra) on synthetic Llama-shaped checkpoints of ≈ 0.95B parameters (hidden 2048, 16 layers, vocab 32000),
+bf16, 500 MB shards, base + 3 models; methods linear, ties and dare_ties (density 0.3). Wall time and peak
+RSS of each command in one run. Issue targets on this CPU: ≥ 3× faster, ≤ ¼ of mergekit's peak RSS.
+
+The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fusedmerge.synthetic import llama_shapes, write_checkpoint
+
+ROOT = os.environ.get("FUSEDMERGE_E2E_DIR", "/tmp/fusedmerge-e2e")
+MODELS = 3
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+RUN = """import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"rc": code.returncode, "wall": wall, "peak_rss": peak, "err": code.stderr[-1500:]}))
+"""
+
+
+def checkpoints():
+    done = os.path.join(ROOT, "ready")
+    if not os.path.exists(done):
+        shapes = llama_shapes()
+        write_checkpoint(os.path.join(ROOT, "base"), shapes)
+        for i in range(MODELS):
+            write_checkpoint(os.path.join(ROOT, f"m{i}"), shapes, i)
+        open(done, "w").close()
+    return ROOT
+
+
+def config(method: str) -> str:
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {ROOT}/base")
+    lines.append("models:")
+    for i in range(MODELS):
+        density = ", density: 0.3" if method != "linear" else ""
+        lines += [f"  - model: {ROOT}/m{i}", f"    parameters: {{weight: 1.0{density}}}"]
+    lines.append("dtype: bfloat16")
+    path = os.path.join(ROOT, f"{method}.yml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def measure(cmd):
+    """Wall time and peak RSS of `cmd`, through a fresh wrapper process (its children's peak is cmd's)."""
+    out = subprocess.run([sys.executable, "-c", RUN, *cmd], env=ENV, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["rc"] == 0, result["err"]
+    return result
+
+
+COMMANDS = {
+    "fusedmerge": lambda cfg, out: ["fusedmerge", "merge", cfg, out, "--quiet", "--overwrite"],
+    "mergekit": lambda cfg, out: ["mergekit-yaml", cfg, out],
+}
+
+
+@pytest.mark.parametrize("impl", list(COMMANDS))
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_merge_end_to_end(benchmark, method, impl):
+    if impl == "mergekit" and shutil.which("mergekit-yaml") is None:
+        pytest.skip("mergekit not installed (pip install '.[bench]')")
+    checkpoints()
+    cfg = config(method)
+    out = os.path.join(ROOT, f"out-{method}-{impl}")
+    shutil.rmtree(out, ignore_errors=True)
+    results = []
+    benchmark.group = f"e2e {method} ~0.95B bf16 base+{MODELS}"
+    benchmark.pedantic(lambda: results.append(measure(COMMANDS[impl](cfg, out))), rounds=1, iterations=1)
+    benchmark.extra_info.update(op=f"merge_{impl}", method=method, wall_s=round(results[0]["wall"], 2),
+                                peak_rss_mb=round(results[0]["peak_rss"] / 2**20), per="e2e")
