@@ -2,7 +2,8 @@
 
 The result is defined by reference.ties_reference. Conventions of the peers, as options:
 
-- ``scope="tensor"`` keeps the top ``density`` of |τᵢ| per tensor (mergekit); ``scope="model"`` over each
+- ``density`` (one value, or one per input as mergekit allows): ``scope="tensor"`` keeps the top ``density`` of
+  |τᵢ| per tensor (mergekit); ``scope="model"`` over each
   model's whole state dict (FusionBench). Ties at the threshold are kept. ``k_rule="floor"`` keeps
   k = max(1, ⌊density·n⌋) values; ``k_rule="fusionbench"`` k = ⌊density·n⌋ + 1 (FusionBench's kthvalue
   count: 201 of 1000 at 20 %). mergekit breaks ties at the threshold by sort order (exactly k kept).
@@ -20,7 +21,7 @@ The result is defined by reference.ties_reference. Conventions of the peers, as 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -42,7 +43,18 @@ def kept_count(density: float, n: int, rule: str) -> int:
 
 
 @torch.no_grad()
-def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float]] = None, scaling: float = 1.0,
+def _densities(density) -> List[float]:
+    """One kept fraction for every input, or one per input (mergekit's per-model densities)."""
+    values = density.tolist() if isinstance(density, torch.Tensor) else density
+    values = [values] if isinstance(values, (int, float)) and not isinstance(values, bool) else list(values)
+    out = [_scalar(d, "density") for d in values]
+    for d in out:
+        if not 0.0 < d <= 1.0:
+            raise ValueError(f"density is the kept fraction and must be in (0, 1], got {d}")
+    return out
+
+
+def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights: Optional[Sequence[float]] = None, scaling: float = 1.0,
          scope: str = "tensor", elect: str = "sum", merge: str = "sum", dare_p: Optional[float] = None,
          rescale: bool = True, seed: int = 0, k_rule: str = "floor", weighted_vote: bool = True,
          vote_tie: str = "+", name: str = "tensor", out_dtype: Optional[torch.dtype] = None, out=None,
@@ -53,9 +65,7 @@ def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float
     for arg, value in options.items():
         if value not in OPTIONS[arg]:
             raise ValueError(f"unknown {arg} {value!r}; choose one of {OPTIONS[arg]}")
-    density = _scalar(density, "density")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density is the kept fraction and must be in (0, 1], got {density}")
+    densities = _densities(density)
     if dare_p is not None:
         dare_p = check_drop_probability(dare_p, "dare_p")
     for arg, value in (("rescale", rescale), ("weighted_vote", weighted_vote)):
@@ -67,6 +77,10 @@ def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float
     base_dict = gather_like(base, forms, "base")
     lam = _scalar(scaling, "scaling")
     w = _weights(weights, len(forms.dicts), normalise=False)
+    if len(densities) == 1:
+        densities *= len(w)
+    elif len(densities) != len(w):
+        raise ValueError(f"density has {len(densities)} entries but there are {len(w)} inputs")
     out_dict = gather_like(out, forms, "out") if out is not None else None
     merged, slots = prepare(forms, base_dict, out_dtype, out_dict)
     slots = [slot for slot in slots if slot.out.numel() > 0]
@@ -77,7 +91,7 @@ def ties(base, inputs, *, density: float = 0.2, weights: Optional[Sequence[float
         raise ValueError(f"TIES needs every floating tensor on one device, got {sorted(map(str, devices))}")
     sizes = [slot.out.numel() for slot in slots]
     scope_sizes = sizes if scope == "tensor" else [sum(sizes)]
-    spec = TiesSpec(weights=w, scaling=lam, ks=[[kept_count(density, n, k_rule)] * len(w) for n in scope_sizes],
+    spec = TiesSpec(weights=w, scaling=lam, ks=[[kept_count(d, n, k_rule) for d in densities] for n in scope_sizes],
                     scope=scope, elect=elect, merge=merge, weighted_vote=weighted_vote, vote_tie=vote_tie)
     if dare_p is not None:
         spec.drop_threshold = drop_threshold(dare_p)
