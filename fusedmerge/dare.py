@@ -10,6 +10,7 @@ is merged whole or tensor by tensor. DARE simple average is ``scaling=1/N``. p i
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -30,15 +31,17 @@ def check_drop_probability(p, arg: str = "p") -> float:
 
 
 def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, scaling: float = 1.0,
-         rescale: Union[bool, str] = True, seed: int = 0, linear_only: bool = False, name: str = "tensor",
+         rescale: Union[bool, str] = True, seed: int = 0, linear_only: Union[bool, Collection[str]] = False,
+         name: str = "tensor",
          out_dtype: Optional[torch.dtype] = None, out=None, backend: str = "auto"):
     """DARE task arithmetic over tensors, state dicts or modules (the forms of `average`).
 
     p: drop probability in [0, 1). rescale: True multiplies kept deltas by 1/(1−p) (the paper, FusionBench);
     "l1" by ‖τᵢ‖₁/‖keepᵢ⊙τᵢ‖₁ per tensor and model (mergekit; left at 1 when a norm is below 1e-7 or not
     finite), the norms summed exactly; False keeps them as they are. seed: with the tensor's name (`name`
-    for plain tensors) and the model's index, decides every mask. linear_only: drop only in 2-D weights
-    (Linear layers); other tensors are merged by plain task arithmetic.
+    for plain tensors) and the model's index, decides every mask. linear_only: True drops only in 2-D
+    weights (Linear layers), or give the collection of keys to drop in (e.g. fusedmerge.opcm.linear_weights
+    of a module); other tensors are merged by plain task arithmetic.
     """
     p = check_drop_probability(p)
     if rescale not in (True, False, "l1") or isinstance(rescale, int) and not isinstance(rescale, bool):
@@ -47,6 +50,13 @@ def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, s
         raise TypeError(f"seed must be an int, got {seed!r}")
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {name!r}")
+    if isinstance(linear_only, bool):
+        droppable = lambda slot: not linear_only or slot.inputs[0].dim() == 2  # noqa: E731
+    elif isinstance(linear_only, str) or not isinstance(linear_only, Collection):
+        raise TypeError(f"linear_only must be True, False or a collection of keys, got {linear_only!r}")
+    else:
+        chosen = set(linear_only)
+        droppable = lambda slot: slot.key in chosen  # noqa: E731
     forms = gather(inputs, name=name)
     base_dict = gather_like(base, forms, "base")
     lam = _scalar(scaling, "scaling")
@@ -55,7 +65,7 @@ def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, s
 
     def terms(slots: List[Slot]) -> List[Terms]:
         out_terms = [Terms(plain) for _ in slots]
-        dropped = [k for k, s in enumerate(slots) if threshold and not (linear_only and s.inputs[0].dim() != 2)]
+        dropped = [k for k, s in enumerate(slots) if threshold and droppable(s)]
         for k in dropped:
             keys = [mask_key(seed, i, slots[k].key) for i in range(len(plain))]
             coeffs = [c / (1.0 - p) for c in plain] if rescale is True else plain
