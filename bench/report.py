@@ -24,6 +24,8 @@ def main(path: str) -> None:
         return _per_step(groups)
     if all(b["extra_info"].get("per") == "e2e" for b in data["benchmarks"]):
         return _end_to_end(groups)
+    if all(b["params"]["impl"] in PEERS + ("fusedmerge",) for b in data["benchmarks"]):
+        return _versus_peer(groups)
     sparse = any("peak_extra_mb" in b["extra_info"] for b in data["benchmarks"])
     if sparse:
         print("| group | implementation | best ms | × fused task arithmetic | peak extra memory MB |")
@@ -55,6 +57,20 @@ def _per_step(groups) -> None:
             speed = f"{ref['stats']['mean'] / st['mean']:.1f}×" if ref else ""
             print(f"| {group} | {name} | {st['rounds']} | {st['min']:.2f} | {st['mean']:.2f} | {speed} | "
                   f"{b['extra_info']['peak_extra_mb']} |")
+
+
+PEERS = ("fusion_bench", "mergekit")
+
+
+def _versus_peer(groups) -> None:
+    print("| group | implementation | best s | × faster than the peer | peak extra MB |")
+    print("|---|---|---:|---:|---:|")
+    for group, impls in groups.items():
+        peer = next((impls[p] for p in PEERS if p in impls), None)
+        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["min"]):
+            t = b["stats"]["min"]
+            speed = f"{peer['stats']['min'] / t:.1f}×" if peer else ""
+            print(f"| {group} | {name} | {t:.2f} | {speed} | {b['extra_info']['peak_extra_mb']} |")
 
 
 def _end_to_end(groups) -> None:
