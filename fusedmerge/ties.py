@@ -42,7 +42,6 @@ def kept_count(density: float, n: int, rule: str) -> int:
     return min(n, max(1, k))
 
 
-@torch.no_grad()
 def _densities(density) -> List[float]:
     """One kept fraction for every input, or one per input (mergekit's per-model densities)."""
     values = density.tolist() if isinstance(density, torch.Tensor) else density
@@ -54,8 +53,9 @@ def _densities(density) -> List[float]:
     return out
 
 
-def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights: Optional[Sequence[float]] = None, scaling: float = 1.0,
-         scope: str = "tensor", elect: str = "sum", merge: str = "sum", dare_p: Optional[float] = None,
+@torch.no_grad()
+def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights: Optional[Sequence[float]] = None,
+         scaling: float = 1.0, scope: str = "tensor", elect: str = "sum", merge: str = "sum", dare_p: Optional[float] = None,
          rescale: bool = True, seed: int = 0, k_rule: str = "floor", weighted_vote: bool = True,
          vote_tie: str = "+", name: str = "tensor", out_dtype: Optional[torch.dtype] = None, out=None,
          backend: str = "auto"):

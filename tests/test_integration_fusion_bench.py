@@ -158,6 +158,9 @@ def test_dare_ties_is_statistically_fusion_bench_dare_ties(clip_pool):
 
 
 def test_opcm_follows_fusion_bench_loop_and_task_order(clip_pool):
+    """fusion-bench 0.2.33's OPCMForCLIP cannot run here (its module imports CLIPVisionTransformer, gone in
+    transformers 5, and it needs its program's task pool): the reference is opcm_reference, its loop
+    transcribed, with its non-leaf quirk and its seeded task order."""
     base_module, models, make = clip_pool
     merged = fused.FusedOPCM(alpha=0.5, shuffle_order=True, seed=3).run(make())
     names = [f"task{i}" for i in range(4)]

@@ -173,3 +173,15 @@ def test_a_backend_without_a_ties_kernel(monkeypatch):
         fusedmerge.ties(torch.zeros(4), [torch.ones(4)], backend="cpu")
     x = torch.arange(8.0)
     assert torch.equal(fusedmerge.ties(torch.zeros(8), [x], density=0.5), torch.where(x >= 4, x, 0.0))
+
+
+def test_per_model_densities_trim_each_model_at_its_own_fraction():
+    base = torch.zeros(1000)
+    models = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    both = fusedmerge.ties(base, models, density=[0.1, 0.3], merge="sum")
+    one = [fusedmerge.ties(base, [m], density=d) for m, d in zip(models, [0.1, 0.3])]
+    assert [int((o != 0).sum()) for o in one] == [100, 300]
+    agree = (one[0] == 0) | (one[1] == 0) | (one[0].sign() == one[1].sign())
+    assert torch.equal(both[agree], (one[0] + one[1])[agree])
+    with pytest.raises(ValueError, match="density has 3 entries"):
+        fusedmerge.ties(base, models, density=[0.1, 0.2, 0.3])
