@@ -41,8 +41,9 @@ def config(root, method, *, base=True, extra="", weights=(1.0, 0.5, 2.0), densit
         lines.append(f"base_model: {root / 'base'}")
     lines.append("models:")
     for i, w in enumerate(weights):
-        params = f"weight: {w}" + (f", density: {density}" if density is not None else "")
-        lines += [f"  - model: {root / f'm{i}'}", f"    parameters: {{{params}}}"]
+        params = ", ".join(([f"weight: {w}"] if w is not None else []) +
+                           ([f"density: {density}"] if density is not None else []))
+        lines += [f"  - model: {root / f'm{i}'}"] + ([f"    parameters: {{{params}}}"] if params else [])
     if dtype:
         lines.append(f"dtype: {dtype}")
     text = "\n".join(lines) + "\n" + extra
@@ -107,7 +108,7 @@ def test_seed_option_changes_the_dare_masks_and_nothing_else(ckpts, tmp_path):
 
 
 def test_opcm_over_an_ordered_list_equals_the_continual_merger(ckpts, tmp_path):
-    cfg = config(ckpts, "opcm", extra="parameters: {alpha: 0.4}\n", dtype=None)
+    cfg = config(ckpts, "opcm", extra="parameters: {alpha: 0.4}\n", dtype=None, weights=(None, None, None))
     assert merge(cfg, tmp_path / "out") == 0
     base, models = state_dicts(ckpts)
     merger = ContinualMerger(base, 0.4)
@@ -206,6 +207,9 @@ def test_existing_output_is_refused_unless_overwrite(ckpts, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert merge(cfg, out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / output.INDEX).exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not the temporary directory's private mode
 
 
 def test_a_failure_mid_merge_leaves_no_output_and_says_why(ckpts, tmp_path, monkeypatch, capsys):
@@ -269,6 +273,31 @@ def test_truncated_shard_and_escaping_shard_names_are_refused(ckpts, tmp_path, c
     assert "escapes the model directory" in capsys.readouterr().err
 
 
+def test_ties_takes_per_model_densities_and_mergekits_default_of_one(ckpts, tmp_path):
+    text = open(config(ckpts, "ties", density=0.3)).read().replace("density: 0.3}", "}", 1)
+    text = text.replace("weight: 0.5, density: 0.3", "weight: 0.5, density: 0.6")
+    path = tmp_path / "t.yml"
+    path.write_text(text)
+    assert merge(str(path), tmp_path / "out") == 0
+    base, models = state_dicts(ckpts)
+    want = fusedmerge.ties(base, models, density=[1.0, 0.6, 0.3], weights=W, merge="mean", out_dtype=torch.bfloat16)
+    got = load(tmp_path / "out")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_shards_linked_from_elsewhere_are_read_like_a_hugging_face_cache(ckpts, tmp_path):
+    """Hub snapshots link their files to blobs/ outside the snapshot folder: allowed; only names that
+    lead outside are refused."""
+    snapshot, blobs = tmp_path / "snapshots" / "rev", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in os.listdir(ckpts / "m0"):
+        shutil.copy(ckpts / "m0" / f, blobs / f)
+        os.symlink(blobs / f, snapshot / f)
+    got, want = load(snapshot), load(ckpts / "m0")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
     binned = tmp_path / "m2"
     binned.mkdir()
@@ -293,8 +322,12 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("merge_method: slerp\nmodels: [{model: a}]\n", "not supported"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}, "
+    ("merge_method: dare_ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}, "
      "{model: c, parameters: {density: 0.4}}]\n", "densities differ"),
+    ("merge_method: opcm\nbase_model: b\nmodels: [{model: a, parameters: {weight: 2}}]\n", "unsupported key"),
+    ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a, parameters: {density: 0.5}}]\n",
+     "unsupported key"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nparameters: {normalize: 'false'}\n", "true or false"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {gamma: 1}}]\n", "unsupported key"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: union\n", "unsupported key"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: [{filter: mlp, value: 1}]}}]\n",

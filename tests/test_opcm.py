@@ -175,6 +175,13 @@ def test_skip_nonleaf_keeps_the_first_task_vector_direction():
     assert not torch.allclose(moved / moved.norm(), first / first.norm(), atol=1e-3)
 
 
+def test_nonleaf_entries_from_state_dict_names_include_the_root_module():
+    keys = ["logit_scale", "vision.embeddings.class_embedding", "vision.embeddings.patch.weight",
+            "vision.post_layernorm.weight"]
+    assert nonleaf_params(keys) == ["logit_scale", "vision.embeddings.class_embedding"]
+    assert nonleaf_params(["weight", "bias"]) == []   # a lone Linear: its root is a leaf
+
+
 @pytest.mark.parametrize("variant", ["fusionbench", "paper"])
 def test_merger_fp32_on_tiny_is_as_accurate_as_the_fp32_reference(variant):
     base, models = clip_vit_models("tiny", 4, seed=5)

@@ -12,7 +12,8 @@
 
 mergekit's conventions hold: `density` is the kept fraction, `weight` multiplies each task vector (before the
 TIES vote), `normalize` divides by the summed weights (default true for linear and ties, false otherwise),
-`lambda` scales the merged task vector, dare_linear's `rescale: true` keeps each tensor's L1 norm.
+`lambda` scales the merged task vector, dare_linear's `rescale: true` keeps each tensor's L1 norm; TIES takes
+a density per model, DARE one for all.
 Anything else (unknown keys, per-tensor parameter lists, other methods) is refused, never ignored.
 """
 
@@ -27,7 +28,9 @@ import torch
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "opcm")
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "fusedmerge"}
-MODEL_PARAMS = {"weight", "density"}
+MODEL_PARAMS = {"linear": {"weight"}, "task_arithmetic": {"weight"}, "ties": {"weight", "density"},
+                "dare_linear": {"weight", "density"}, "dare_ties": {"weight", "density"}, "opcm": set()}
+BOOL_PARAMS = ("normalize", "rescale", "int8_mask", "skip_nonleaf")
 GLOBAL_PARAMS = {
     "linear": {"normalize"},
     "task_arithmetic": {"lambda", "normalize"},
@@ -69,13 +72,18 @@ class MergeConfig:
         return bool(self.params.get("normalize", NORMALIZE_DEFAULT.get(self.method, False)))
 
     @property
+    def densities(self) -> List[float]:
+        """Each model's kept fraction (mergekit's default 1.0 where none is given)."""
+        return [1.0 if m.density is None else m.density for m in self.models]
+
+    @property
     def density(self) -> float:
-        """The one kept fraction of the merge (mergekit's default 1.0)."""
-        values = {m.density for m in self.models if m.density is not None}
+        """The one kept fraction of a DARE merge, whose masks take one drop probability for every model."""
+        values = sorted(set(self.densities))
         if len(values) > 1:
-            raise ConfigError(f"{self.method}: per-model densities differ ({sorted(values)}); fusedmerge takes "
-                              "one density per merge — give every model the same density")
-        return values.pop() if values else 1.0
+            raise ConfigError(f"{self.method}: per-model densities differ ({values}); fusedmerge's DARE takes one "
+                              "density for every model (TIES takes one per model)")
+        return values[0]
 
 
 def parse_size(text) -> int:
@@ -142,7 +150,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters must be a mapping")
-        _unknown(params, MODEL_PARAMS, f"{where}.parameters")
+        _unknown(params, MODEL_PARAMS[method], f"{where}.parameters for {method}")
         spec = ModelSpec(_path(item.get("model"), where, root))
         if "weight" in params:
             spec.weight = _number(params["weight"], f"{where}.parameters.weight")
@@ -159,6 +167,11 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     for key in ("lambda", "alpha"):
         if key in params:
             params[key] = _number(params[key], f"parameters.{key}")
+    for key in BOOL_PARAMS:
+        if key in params and not isinstance(params[key], bool):
+            raise ConfigError(f"parameters.{key} must be true or false, got {params[key]!r}")
+    if "variant" in params and params["variant"] not in ("fusionbench", "paper"):
+        raise ConfigError(f"parameters.variant must be fusionbench or paper, got {params['variant']!r}")
     base = data.get("base_model")
     if method == "linear":
         if base is not None:
@@ -181,7 +194,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")
     if "shard_size" in own:
         cfg.shard_size = parse_size(own["shard_size"])
-    if method != "opcm":
+    if method.startswith("dare"):
         cfg.density  # noqa: B018 — refuse differing per-model densities now, before any work
     return cfg
 

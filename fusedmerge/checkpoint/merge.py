@@ -110,6 +110,8 @@ class Distributed:
         if self.world > 1:
             import torch.distributed as dist
 
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL's object collectives use the current device
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.dist = dist
@@ -142,6 +144,9 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _finish(tmp: str, out_dir: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result gets the usual permissions
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
@@ -182,18 +187,33 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> No
 
 
 def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str) -> None:
+    """Every rank opens, checks and merges its part; errors are gathered (so no rank waits for one that
+    left), and rank 0 completes the directory only when every rank succeeded."""
     dirs: List[ModelDir] = []
+    error, done = None, None
     try:
-        for path in ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]:
-            dirs.append(ModelDir(path))
-        _merge_dirs(cfg, out_dir, opts, dist, tmp, dirs)
+        try:
+            for path in ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]:
+                dirs.append(ModelDir(path))
+            done = _merge_dirs(cfg, opts, dist, tmp, dirs)
+        except Exception as e:  # noqa: BLE001 — every rank must reach the gather below
+            error = _describe(e)
+        errors = [e for e in dist.all_gather(error) if e]
+        if errors:
+            raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
+        if dist.rank == 0:
+            reference, plan = done
+            write_index(tmp, plan)
+            copy_model_files(reference.path, tmp)
+            write_model_card(tmp, cfg, plan)
+            _finish(tmp, out_dir)
     finally:
         for d in dirs:
             d.close()
 
 
-def _merge_dirs(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str,
-                dirs: List[ModelDir]) -> None:
+def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, dirs: List[ModelDir]):
+    """Check the architectures, plan the shards, merge this rank's; returns (reference model, plan)."""
     base = dirs[0] if cfg.base else None
     models = dirs[1:] if cfg.base else dirs
     reference = dirs[0]
@@ -206,27 +226,14 @@ def _merge_dirs(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed
             dtype = torch.promote_types(dtype, d.entry(k)[0]) if dtype.is_floating_point else dtype
         out_dtypes[k] = cfg.out_dtype if (cfg.out_dtype is not None and dtype.is_floating_point) else dtype
     plan = ShardPlan([(k, out_dtypes[k], reference.entry(k)[1]) for k in keys], cfg.shard_size, dist.world)
-    error = None
-    try:
-        if cfg.method == "opcm":
-            if dist.world > 1:
-                raise ValueError("opcm merges models one after another over the whole model; run it with one process")
-            from .opcm_stream import merge_opcm
-            merge_opcm(cfg, base, models, plan, tmp, opts)
-        else:
-            _stream(cfg, dirs, base is not None, plan, tmp, opts, dist.rank)
-    except BaseException as e:  # noqa: BLE001 — every rank must reach the gather below
-        error = _describe(e)
-        if not isinstance(e, Exception):
-            raise
-    errors = [e for e in dist.all_gather(error) if e]
-    if errors:
-        raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
-    if dist.rank == 0:
-        write_index(tmp, plan)
-        copy_model_files(reference.path, tmp)
-        write_model_card(tmp, cfg, plan)
-        _finish(tmp, out_dir)
+    if cfg.method == "opcm":
+        if dist.world > 1:
+            raise ValueError("opcm merges models one after another over the whole model; run it with one process")
+        from .opcm_stream import merge_opcm
+        merge_opcm(cfg, base, models, plan, tmp, opts)
+    else:
+        _stream(cfg, dirs, base is not None, plan, tmp, opts, dist.rank)
+    return reference, plan
 
 
 def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardPlan, tmp: str, opts: Options,
@@ -236,20 +243,24 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
     groups = _groups(mine, cost, max(opts.memory_budget // 2, 1))
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_touch, dirs, groups[0]) if groups else None
-        for i, group in enumerate(groups):
-            pending.result()
-            if i + 1 < len(groups):
-                pending = pool.submit(_touch, dirs, groups[i + 1])
-            sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
-            base_sd = sds[0] if has_base else None
-            model_sds = sds[1:] if has_base else sds
-            merged = merge_group(cfg, base_sd, model_sds, cfg.out_dtype, opts.backend)
-            del sds, base_sd, model_sds
-            for k in group:
-                writer.write(k, merged.pop(k).to("cpu"))
-            for d in dirs:
-                d.release(group)
-            progress.update(len(group), sum(plan.nbytes(k) for k in group))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_touch, dirs, groups[0]) if groups else None
+            for i, group in enumerate(groups):
+                pending.result()
+                if i + 1 < len(groups):
+                    pending = pool.submit(_touch, dirs, groups[i + 1])
+                sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
+                base_sd = sds[0] if has_base else None
+                model_sds = sds[1:] if has_base else sds
+                merged = merge_group(cfg, base_sd, model_sds, cfg.out_dtype, opts.backend)
+                del sds, base_sd, model_sds
+                for k in group:
+                    writer.write(k, merged.pop(k).to("cpu"))
+                for d in dirs:
+                    d.release(group)
+                progress.update(len(group), sum(plan.nbytes(k) for k in group))
+    except BaseException:
+        writer.close(failed=True)
+        raise
     writer.close()

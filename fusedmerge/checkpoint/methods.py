@@ -40,7 +40,7 @@ def merge_group(cfg: MergeConfig, base: Optional[StateDict], models: List[StateD
     merge = "mean" if cfg.normalize else "sum"
     rescale = cfg.params.get("rescale", True)
     if cfg.method == "ties":
-        return ties(base, models, density=cfg.density, weights=w, scaling=lam, merge=merge,
+        return ties(base, models, density=cfg.densities, weights=w, scaling=lam, merge=merge,
                     out_dtype=out_dtype, backend=backend)
     if cfg.method == "dare_linear":
         return dare(base, models, 1.0 - cfg.density, weights=w, scaling=lam / norm, rescale="l1" if rescale else False,

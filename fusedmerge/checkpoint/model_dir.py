@@ -5,12 +5,13 @@ that runs code. Shard names must stay inside the directory."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .safetensors import CheckpointError, Entry, SafetensorsFile
+from .safetensors import CheckpointError, Entry, SafetensorsFile, element_size
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -19,14 +20,12 @@ BIN_SINGLE = "pytorch_model.bin"
 
 
 def _inside(directory: str, name: str) -> str:
-    """The path of `name` in `directory`, refused when it would lead outside it."""
-    if not isinstance(name, str) or not name or os.path.isabs(name):
-        raise CheckpointError(f"{directory}: shard name {name!r} must be a relative file name")
-    root = os.path.realpath(directory)
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
+    """The path of `name` in `directory`, refused when its name leads outside it (absolute, or through "..").
+    The file itself may be a symlink (Hugging Face cache snapshots link their shards to blobs/)."""
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in parts:
         raise CheckpointError(f"{directory}: shard name {name!r} escapes the model directory; refused")
-    return path
+    return os.path.join(directory, name)
 
 
 def _weight_map(directory: str, index_name: str) -> Dict[str, str]:
@@ -51,14 +50,18 @@ class ModelDir:
         self._files: Dict[str, SafetensorsFile] = {}
         self._bins: Dict[str, Dict[str, torch.Tensor]] = {}
         self.where: Dict[str, str] = {}  # tensor name → file path
-        if os.path.exists(os.path.join(path, SAFE_INDEX)):
-            self._open_safetensors(_weight_map(path, SAFE_INDEX))
-        elif os.path.exists(os.path.join(path, SAFE_SINGLE)):
-            self._open_safetensors(None)
-        elif os.path.exists(os.path.join(path, BIN_INDEX)) or os.path.exists(os.path.join(path, BIN_SINGLE)):
-            self._open_bins()
-        else:
-            raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
+        try:
+            if os.path.exists(os.path.join(path, SAFE_INDEX)):
+                self._open_safetensors(_weight_map(path, SAFE_INDEX))
+            elif os.path.exists(os.path.join(path, SAFE_SINGLE)):
+                self._open_safetensors(None)
+            elif os.path.exists(os.path.join(path, BIN_INDEX)) or os.path.exists(os.path.join(path, BIN_SINGLE)):
+                self._open_bins()
+            else:
+                raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
+        except BaseException:
+            self.close()
+            raise
 
     def _open_safetensors(self, weight_map) -> None:
         names = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_SINGLE]
@@ -100,10 +103,7 @@ class ModelDir:
 
     def nbytes(self, key: str) -> int:
         dtype, shape = self.entry(key)
-        n = torch.empty((), dtype=dtype).element_size()
-        for d in shape:
-            n *= d
-        return n
+        return math.prod(shape) * element_size(dtype)
 
     def tensor(self, key: str) -> torch.Tensor:
         file = self.where[key]
@@ -127,3 +127,5 @@ class ModelDir:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+        self._files.clear()
+        self._bins.clear()

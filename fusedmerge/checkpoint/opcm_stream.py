@@ -26,6 +26,10 @@ def merge_opcm(cfg, base: ModelDir, models: List[ModelDir], plan: ShardPlan, dir
         m.release(keys)
     merged = merger.merged(out_dtype=cfg.out_dtype)
     writer = ShardWriter(plan, directory, 0)
-    for k in plan.keys_of(0):
-        writer.write(k, merged.pop(k).to("cpu"))
+    try:
+        for k in plan.keys_of(0):
+            writer.write(k, merged.pop(k).to("cpu"))
+    except BaseException:
+        writer.close(failed=True)
+        raise
     writer.close()

@@ -74,7 +74,7 @@ class ShardWriter:
             if self.file is not None:
                 raise RuntimeError(f"internal: shard {self.plan.names[self.shard]} left incomplete")
             keys = self.plan.shards[i]
-            head, _ = header_bytes([(k, *self.plan.entries[k]) for k in keys], {"format": "pt"})
+            head = header_bytes([(k, *self.plan.entries[k]) for k in keys], {"format": "pt"})
             self.file = open(os.path.join(self.directory, self.plan.names[i]), "wb")
             self.file.write(head)
             self.shard, self.next = i, 0
@@ -88,10 +88,13 @@ class ShardWriter:
             self.file.close()
             self.file = None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close; a shard still open is an internal error unless the merge already failed."""
         if self.file is not None:
             self.file.close()
-            raise RuntimeError(f"internal: shard {self.plan.names[self.shard]} left incomplete")
+            self.file = None
+            if not failed:
+                raise RuntimeError(f"internal: shard {self.plan.names[self.shard]} left incomplete")
 
 
 def write_index(directory: str, plan: ShardPlan) -> None:

@@ -17,7 +17,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,6 +74,9 @@ def read_header(path: str) -> Tuple[Dict[str, Entry], Dict[str, str]]:
     entries: Dict[str, Entry] = {}
     data_start = 8 + n
     for name, spec in raw.items():
+        if isinstance(spec, dict) and spec.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {spec.get('dtype')!r}, which fusedmerge does not "
+                                  f"read (supported: {sorted(DTYPES)})")
         try:
             dtype = DTYPES[spec["dtype"]]
             shape = tuple(int(d) for d in spec["shape"])
@@ -145,19 +148,17 @@ class SafetensorsFile:
 
 
 def header_bytes(tensors: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
-                 metadata: Optional[Dict[str, str]] = None) -> Tuple[bytes, List[int]]:
-    """The 8-byte size plus JSON header for tensors written in this order, padded to 8 bytes, and each
-    tensor's byte size."""
+                 metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The 8-byte size plus JSON header for tensors written in this order, padded to 8 bytes."""
     header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset, sizes = 0, []
+    offset = 0
     for name, dtype, shape in tensors:
         n = math.prod(shape) * element_size(dtype)
         header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-        sizes.append(n)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, sizes
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -168,7 +169,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def write_file(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a whole state dict as one safetensors file."""
-    head, _ = header_bytes([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata)
+    head = header_bytes([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata)
     with open(path, "wb") as f:
         f.write(head)
         for t in tensors.values():

@@ -226,8 +226,9 @@ class FusedOPCM(_Fused):
             random.seed(self.seed)  # FusionBench seeds Python's generator (seed_everything) before shuffling
         if self.shuffle_order:
             random.shuffle(names)
-        if self.evaluate_on_every_step:
-            log.warning("FusedOPCM: evaluate_on_every_step needs FusionBench's task pool; not evaluating")
+        for option in ("save_on_every_step", "evaluate_on_every_step"):
+            if getattr(self, option):
+                log.info(f"FusedOPCM: {option} needs FusionBench's program (log dir, task pool); not done here")
         self.model_names = names
         merger = ContinualMerger(pool.load_model("_pretrained_"), self.alpha, skip_nonleaf=True,
                                  backend=self.backend)

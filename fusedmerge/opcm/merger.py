@@ -48,9 +48,9 @@ def nonleaf_params(keys: Collection[str], module: Optional[nn.Module] = None) ->
     if module is not None:
         return [f"{name}.{p}" if name else p for name, m in module.named_modules() if next(m.children(), None)
                 for p, _ in m.named_parameters(recurse=False)]
-    owners = {k.rpartition(".")[0] for k in keys}
-    parents = {o.rpartition(".")[0] for o in owners if "." in o}
-    return [k for k in keys if k.rpartition(".")[0] in parents]
+    owners = {k.rpartition(".")[0] for k in keys}  # "" is the root module (e.g. CLIPModel's logit_scale)
+    nonleaf = {o for o in owners if any(p != o and (o == "" or p.startswith(o + ".")) for p in owners)}
+    return [k for k in keys if k.rpartition(".")[0] in nonleaf]
 
 
 def _state_dict(model, arg: str) -> StateDict:
