@@ -33,6 +33,7 @@ from .._forms import Terms, gather, merge_linear
 
 GTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 _ORIGINALS: Dict[str, Any] = {}
+_INSTALLED: set = set()
 
 
 def _one_density(densities: List[float], method: str) -> float:
@@ -109,20 +110,21 @@ def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> L
             original = _ORIGINALS.get(name) or registry.get(name)
             fields = {f.name: getattr(original, f.name) for f in dataclasses.fields(original)}
             fused = FusedGeneralizedTaskArithmetic(**{**fields, "method_name": target, "seed": seed})
-        if target in registry._METHODS and target not in _ORIGINALS and replace:
+        if target in registry._METHODS and target not in _ORIGINALS and target not in _INSTALLED:
             _ORIGINALS[target] = registry._METHODS[target]
         registry._METHODS[target] = fused
+        _INSTALLED.add(target)
         names.append(target)
     return names
 
 
 def uninstall() -> None:
     """Put mergekit's own methods back (and drop the prefixed ones)."""
-    for name in [n for n, m in registry._METHODS.items() if getattr(m, "seed", None) is not None or
-                 getattr(getattr(m, "spec", None), "pretty_name", "") == "Linear (fusedmerge)"]:
-        del registry._METHODS[name]
+    for name in _INSTALLED:
+        registry._METHODS.pop(name, None)
     registry._METHODS.update(_ORIGINALS)
     _ORIGINALS.clear()
+    _INSTALLED.clear()
 
 
 def main(argv=None) -> int:
