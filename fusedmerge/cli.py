@@ -81,11 +81,16 @@ def merge(args) -> int:
         if args.shard_size is not None:
             cfg.shard_size = merge_config.parse_size(args.shard_size)
         budget = merge_config.parse_size(args.memory_budget)
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise merge_config.ConfigError(f"--device must be cpu or cuda[:i], got {args.device!r}") from None
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         if device.type not in ("cpu", "cuda"):
             raise merge_config.ConfigError(f"--device must be cpu or cuda[:i], got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise merge_config.ConfigError("--device cuda: no CUDA device is available here (use --device cpu)")
         started = time.perf_counter()
         run(cfg, args.out_dir, Options(device, budget, args.backend, args.overwrite, not args.quiet))
     except (merge_config.ConfigError, CheckpointError, FileExistsError, MemoryError, ValueError, RuntimeError,

@@ -346,6 +346,15 @@ def test_bad_configurations_are_refused_with_the_reason(tmp_path, capsys, text, 
     assert _only(tmp_path, "c.yml")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_refused(ckpts, tmp_path, capsys):
+    assert merge(config(ckpts, "task_arithmetic"), tmp_path / "out", "--device", "cuda") == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert merge(config(ckpts, "task_arithmetic"), tmp_path / "out", "--device", "tpu") == 2
+    assert "--device must be" in capsys.readouterr().err
+    assert _only(tmp_path)
+
+
 def test_python_dash_m_entry_point(ckpts, tmp_path):
     run = subprocess.run([sys.executable, "-m", "fusedmerge", "merge", config(ckpts, "linear", base=False),
                           str(tmp_path / "out")], env=ENV, capture_output=True, text=True)
