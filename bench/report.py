@@ -47,42 +47,40 @@ def main(path: str) -> None:
             print(f"| {group} | {name} | {t * 1e3:.1f} | {pct} | {speed} |")
 
 
-def _per_step(groups) -> None:
-    print("| group | implementation | steps timed | best s/step | mean s/step | × faster than reference | peak extra MB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+def _table(groups, header, sort_key, ref_name, cells) -> None:
+    """One markdown row per implementation, sorted by `sort_key`; `cells(bench, ref)` gives the row after
+    the group and name, `ref` being the group's `ref_name` benchmark (or None)."""
+    print("| group | implementation | " + " | ".join(header) + " |")
+    print("|---|---|" + "---:|" * len(header))
     for group, impls in groups.items():
-        ref = impls.get("reference")
-        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["mean"]):
-            st = b["stats"]
-            speed = f"{ref['stats']['mean'] / st['mean']:.1f}×" if ref else ""
-            print(f"| {group} | {name} | {st['rounds']} | {st['min']:.2f} | {st['mean']:.2f} | {speed} | "
-                  f"{b['extra_info']['peak_extra_mb']} |")
+        ref = next((impls[r] for r in ref_name if r in impls), None)
+        for name, b in sorted(impls.items(), key=lambda kv: sort_key(kv[1])):
+            print(f"| {group} | {name} | " + " | ".join(cells(b, ref)) + " |")
+
+
+def _per_step(groups) -> None:
+    _table(groups, ["steps timed", "best s/step", "mean s/step", "× faster than reference", "peak extra MB"],
+           lambda b: b["stats"]["mean"], ("reference",),
+           lambda b, ref: [str(b["stats"]["rounds"]), f"{b['stats']['min']:.2f}", f"{b['stats']['mean']:.2f}",
+                           f"{ref['stats']['mean'] / b['stats']['mean']:.1f}×" if ref else "",
+                           str(b["extra_info"]["peak_extra_mb"])])
 
 
 PEERS = ("fusion_bench", "mergekit")
 
 
 def _versus_peer(groups) -> None:
-    print("| group | implementation | best s | × faster than the peer | peak extra MB |")
-    print("|---|---|---:|---:|---:|")
-    for group, impls in groups.items():
-        peer = next((impls[p] for p in PEERS if p in impls), None)
-        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["min"]):
-            t = b["stats"]["min"]
-            speed = f"{peer['stats']['min'] / t:.1f}×" if peer else ""
-            print(f"| {group} | {name} | {t:.2f} | {speed} | {b['extra_info']['peak_extra_mb']} |")
+    _table(groups, ["best s", "× faster than the peer", "peak extra MB"], lambda b: b["stats"]["min"], PEERS,
+           lambda b, ref: [f"{b['stats']['min']:.2f}", f"{ref['stats']['min'] / b['stats']['min']:.1f}×" if ref else "",
+                           str(b["extra_info"]["peak_extra_mb"])])
 
 
 def _end_to_end(groups) -> None:
-    print("| group | command | wall s | × faster than mergekit | peak RSS MB | share of mergekit's RSS |")
-    print("|---|---|---:|---:|---:|---:|")
-    for group, impls in groups.items():
-        mk = impls.get("mergekit")
-        for name, b in sorted(impls.items(), key=lambda kv: kv[1]["extra_info"]["wall_s"]):
-            e = b["extra_info"]
-            speed = f"{mk['extra_info']['wall_s'] / e['wall_s']:.1f}×" if mk else ""
-            share = f"{e['peak_rss_mb'] / mk['extra_info']['peak_rss_mb']:.2f}" if mk else ""
-            print(f"| {group} | {name} | {e['wall_s']:.1f} | {speed} | {e['peak_rss_mb']} | {share} |")
+    wall = lambda b: b["extra_info"]["wall_s"]  # noqa: E731
+    rss = lambda b: b["extra_info"]["peak_rss_mb"]  # noqa: E731
+    _table(groups, ["wall s", "× faster than mergekit", "peak RSS MB", "share of mergekit's RSS"], wall, ("mergekit",),
+           lambda b, ref: [f"{wall(b):.1f}", f"{wall(ref) / wall(b):.1f}×" if ref else "", str(rss(b)),
+                           f"{rss(b) / rss(ref):.2f}" if ref else ""])
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def average(inputs, weights: Optional[Sequence[float]] = None, *, out_dtype: Opt
     return forms.wrap(merge_linear(forms, coeffs, None, out_dtype, backend, out_dict), out)
 
 
+def weighted_sum(inputs, coeffs: Sequence[float], *, out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+    """Σ cᵢ·xᵢ with the coefficients as given (not normalised), in the forms of `average` (FusionBench's
+    weighted average without `normalize`, mergekit's linear without it)."""
+    forms = gather(inputs)
+    return forms.wrap(merge_linear(forms, _weights(coeffs, len(forms.dicts), normalise=False), None, out_dtype, backend))
+
+
 def task_arithmetic(base, inputs, scaling: float = 1.0, *, weights: Optional[Sequence[float]] = None,
                     out_dtype: Optional[torch.dtype] = None, out=None, backend: str = "auto"):
     """Task arithmetic θ0 + λ·Σ w_i·(θ_i − θ0) over tensors, state dicts or modules (w_i = 1 by default,

@@ -81,3 +81,21 @@ def same_bits(a, b):
         return False
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
     return torch.equal(a[~nan_a].view(ints), b[~nan_b].view(ints))
+
+
+def tiny_clip_modules(n: int, seed: int = 0):
+    """A tiny transformers CLIPVisionModel and n fine-tuned copies (base + 1e-2·noise), or a skip without
+    transformers."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, patch_size=8,
+                                        image_size=32, num_attention_heads=4)
+    torch.manual_seed(seed)
+    base = transformers.CLIPVisionModel(cfg).eval()
+    models = []
+    for _ in range(n):
+        m = copy.deepcopy(base)
+        m.load_state_dict({k: v + 1e-2 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        models.append(m)
+    return base, models

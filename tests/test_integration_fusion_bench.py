@@ -20,6 +20,7 @@ from fusion_bench.method import (SimpleAverageAlgorithm, TaskArithmeticAlgorithm
                                  TiesMergingAlgorithm, WeightedAverageAlgorithm)
 from fusion_bench.method.dare import DareTaskArithmetic, DareTiesMerging  # noqa: E402
 
+from conftest import tiny_clip_modules  # noqa: E402
 from fusedmerge.integrations import fusion_bench as fused  # noqa: E402
 from fusedmerge.opcm import linear_weights, opcm_reference  # noqa: E402
 from fusedmerge.opcm.merger import nonleaf_params  # noqa: E402
@@ -29,15 +30,7 @@ logging.getLogger("fusion_bench").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="module")
 def clip_pool():
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, patch_size=8,
-                                        image_size=32, num_attention_heads=4)
-    torch.manual_seed(0)
-    base = transformers.CLIPVisionModel(cfg).eval()
-    models = []
-    for _ in range(4):
-        m = copy.deepcopy(base)
-        m.load_state_dict({k: v + 1e-2 * torch.randn_like(v) for k, v in base.state_dict().items()})
-        models.append(m)
+    base, models = tiny_clip_modules(4)
 
     def make(n=4):
         """A fresh dict pool (FusionBench's algorithms modify the models they are given)."""

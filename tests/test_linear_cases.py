@@ -144,3 +144,13 @@ def test_parameters_that_require_grad_give_plain_results():
         for backend in ("torch", "cpu"):
             got = op(backend)
             assert not got.requires_grad and got.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
+def test_weighted_sum_keeps_the_coefficients_as_given(backend):
+    xs = [torch.randn(37, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    got = fusedmerge.weighted_sum(xs, [0.2, 0.5, 0.1], backend=backend)
+    want = (xs[0] * 0.2 + xs[1] * 0.5) + xs[2] * 0.1  # the reference's left fold, fp32, no FMA
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="weights has 2 entries"):
+        fusedmerge.weighted_sum(xs, [1.0, 2.0])

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, requires_gpu, same_bits
+from conftest import CPU_BACKENDS, requires_gpu, same_bits, tiny_clip_modules
 from fusedmerge.opcm import (ContinualMerger, factor, linear_weights, looks_linear, opcm_reference, project,
                              project_reference, split_rank)
 from fusedmerge.opcm.merger import nonleaf_params
@@ -237,16 +237,8 @@ def test_bf16_models_keep_their_dtype_and_follow_the_fp32_merge():
 
 
 def test_modules_in_module_out_with_linear_layers_from_the_tree():
+    base, models = tiny_clip_modules(3)
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, patch_size=8,
-                                        image_size=32, num_attention_heads=4)
-    torch.manual_seed(0)
-    base = transformers.CLIPVisionModel(cfg).eval()
-    models = []
-    for _ in range(3):
-        m = transformers.CLIPVisionModel(cfg).eval()
-        m.load_state_dict({k: v + 1e-2 * torch.randn_like(v) for k, v in base.state_dict().items()})
-        models.append(m)
     names = linear_weights(base)
     assert len(names) == 12 and not any("embed" in n for n in names)
     merger = ContinualMerger(base)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import dare, task_arithmetic, ties
-from .._forms import gather, merge_linear
+from ..linear import weighted_sum
 from .config import MergeConfig
 
 StateDict = Dict[str, torch.Tensor]
@@ -34,7 +34,7 @@ def merge_group(cfg: MergeConfig, base: Optional[StateDict], models: List[StateD
     norm = total if cfg.normalize else 1.0
     lam = cfg.params.get("lambda", 1.0)
     if cfg.method == "linear":
-        return merge_linear(gather(models), [x / norm for x in w], None, out_dtype, backend)
+        return weighted_sum(models, [x / norm for x in w], out_dtype=out_dtype, backend=backend)
     if cfg.method == "task_arithmetic":
         return task_arithmetic(base, models, lam / norm, weights=w, out_dtype=out_dtype, backend=backend)
     merge = "mean" if cfg.normalize else "sum"

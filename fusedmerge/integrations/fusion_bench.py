@@ -32,7 +32,7 @@ from torch import nn
 from fusion_bench import BaseAlgorithm, BaseModelPool
 
 from .. import average, dare, task_arithmetic, ties
-from .._forms import gather, merge_linear
+from ..linear import weighted_sum
 from ..opcm import ContinualMerger, linear_weights
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class FusedWeightedAverage(_Fused):
         if self.normalize:
             total = sum(w)
             w = [x / total for x in w]
-        forms = gather(models)
-        return forms.wrap(merge_linear(forms, w, None, None, self.backend))
+        return weighted_sum(models, w, backend=self.backend)
 
 
 class FusedTaskArithmetic(_Fused):

@@ -162,17 +162,15 @@ class ContinualMerger:
         arg = f"model {self.steps + 1}"
         sd = _state_dict(model, arg)
         self._check(sd, arg)
-        acc = self._acc
-        taus = [sd[k].to(acc) - self._base[k].to(acc) for k in self._projected]
+        tau = lambda k: sd[k].to(self._acc) - self._base[k].to(self._acc)  # noqa: E731
+        taus = [tau(k) for k in self._projected]
         rest = [k for k in self._base if self._base[k].is_floating_point() and k not in self._projected]
-        norm = math.sqrt(_norm(taus) ** 2 + _norm(sd[k].to(acc) - self._base[k].to(acc) for k in rest) ** 2)
-        if not self._norms:
-            self._sum = dict(zip(self._projected, taus))
-            for k in rest:
-                self._sum[k] = sd[k].to(acc) - self._base[k].to(acc)
-            self._norms.append(norm)
+        if not self._norms:  # the first model is the merge: S = τ₁, kept whole
+            self._sum = {**dict(zip(self._projected, taus)), **{k: tau(k) for k in rest}}
+            self._norms.append(_norm(self._sum.values()))
             self._scale = 1.0
             return self
+        norm = math.sqrt(_norm(taus) ** 2 + _norm(tau(k) for k in rest) ** 2)  # the other τ are never stored
         projected = project([self._sum[k] for k in self._projected], taus, self.alpha, variant=self.variant)
         del taus
         jobs = [CombineJob(self._sum[k], [self._sum[k], p], [1.0, 1.0]) for k, p in zip(self._projected, projected)]
