@@ -2,8 +2,12 @@
 // Counter (c0, c1, c2, c3), key (k0, k1); ten rounds of
 //   c0' = hi(B*c2) ^ c1 ^ k0;  c1' = lo(B*c2);  c2' = hi(A*c0) ^ c3 ^ k1;  c3' = lo(A*c0);
 //   k0 += 0x9E3779B9;  k1 += 0xBB67AE85        (A = 0xD2511F53, B = 0xCD9E8D57)
-// Drop masks (fusedmerge/philox.py): element j uses word j % 4 of the call with counter
-// (j/4 mod 2^32, j/2^34, 0, 0) and is dropped when that word < T = floor(p * 2^32).
+// Drop masks (fusedmerge/philox.py): element j's 32-bit uniform is U = (A << 16) | B, two 16-bit halves
+// from the streams s = 0 (A) and s = 1 (B). In group g = j / 128, r = j % 128, the half of stream s is
+//     half (r / 16) % 2 of word r / 32 of the call with counter (n mod 2^32, n / 2^32, s, 0), n = 16 g + r % 16,
+// so the 16 calls of a group, held as 16 SIMD lanes, give 16 consecutive elements per (word, half). j is
+// dropped when U < T = floor(p * 2^32). B only matters when A == T >> 16 (probability 2^-16), so kernels
+// draw stream 1 only for groups where that happens: one call serves 8 elements.
 #pragma once
 #include <cstdint>
 
@@ -11,7 +15,8 @@
 
 namespace fm {
 
-constexpr int64_t kElementsPerCall = 4;
+constexpr int64_t kElementsPerCall = 8;
+constexpr int64_t kGroup = 128;  // elements of one group: 16 calls
 
 struct Words4 {
   uint32_t w[4];
@@ -32,8 +37,8 @@ FM_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, 
 FM_HD uint32_t philox_key0(uint64_t key, int round) { return static_cast<uint32_t>(key) + 0x9E3779B9u * round; }
 FM_HD uint32_t philox_key1(uint64_t key, int round) { return static_cast<uint32_t>(key >> 32) + 0xBB67AE85u * round; }
 
-FM_HD Words4 philox4x32_10(uint64_t call, uint64_t key) {
-  uint32_t c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32), c2 = 0, c3 = 0;
+FM_HD Words4 philox4x32_10(uint64_t call, uint64_t key, uint32_t stream = 0) {
+  uint32_t c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32), c2 = stream, c3 = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif

@@ -7,9 +7,13 @@ Stream: for counter (c0, c1, c2, c3) and key (k0, k1), ten rounds of::
     k0 += 0x9E3779B9            k1 += 0xBB67AE85            (A = 0xD2511F53, B = 0xCD9E8D57)
 
 Masks: the key of (seed, model index, tensor name) is the first 8 bytes (little endian) of
-BLAKE2b("fusedmerge-dare-v1:{seed}:{index}:{name}"); element j of the flattened tensor takes word j % 4 of
-the call with counter (j // 4 mod 2³², j // 2³⁴, 0, 0). It is dropped when that word < T, with
-T = floor(p·2³²): an integer comparison, the same on every backend, device and order of processing.
+BLAKE2b("fusedmerge-dare-v1:{seed}:{index}:{name}"). Element j of the flattened tensor has the 32-bit
+uniform U = (A << 16) | B, where A and B are 16-bit halves from the streams s = 0 and s = 1: in group
+g = j // 128, with r = j % 128, half (r // 16) % 2 of word r // 32 of the call with counter
+(n mod 2³², n // 2³², s, 0), n = 16·g + r % 16. It is dropped when U < T, T = floor(p·2³²): an integer
+comparison, the same on every backend, device and order of processing. Kernels need B only where
+A = T >> 16 (probability 2⁻¹⁶), so one call serves 8 elements; the 16 calls of a group, as 16 SIMD
+lanes, give 16 consecutive elements per (word, half) without shuffles.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 A, B = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
 ROUNDS = 10
-ELEMENTS_PER_CALL = 4
+ELEMENTS_PER_CALL = 8
+GROUP = 128  # elements served by 16 consecutive calls
 _M32 = 0xFFFFFFFF
 
 
@@ -58,15 +63,22 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = ROUNDS):
     return c0, c1, c2, c3
 
 
+def element_halves(key: int, numel: int, stream: int, device=None) -> torch.Tensor:
+    """The 16-bit half of stream `stream` for each of `numel` elements (int64 tensor)."""
+    groups = -(-numel // GROUP)
+    n = torch.arange(groups * 16, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(n & _M32, n >> 32, torch.full_like(n, stream), torch.zeros_like(n),
+                                   key & _M32, key >> 32))  # [word, group·16 + lane]
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=1)  # [word, half, group·16 + lane]
+    by_group = halves.reshape(4, 2, groups, 16).permute(2, 0, 1, 3)  # [group, word, half, lane]
+    return by_group.reshape(-1)[:numel]
+
+
 def random_words(key: int, numel: int, device=None) -> torch.Tensor:
-    """The 32-bit word of each of `numel` elements (int64 tensor) for a 64-bit key."""
-    calls = -(-numel // ELEMENTS_PER_CALL)
-    j = torch.arange(calls, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(j)
-    words = philox4x32(j & _M32, j >> 32, zero, zero, key & _M32, key >> 32)
-    return torch.stack(words, dim=1).reshape(-1)[:numel]
+    """The 32-bit uniform U of each of `numel` elements (int64 tensor) for a 64-bit key."""
+    return (element_halves(key, numel, 0, device) << 16) | element_halves(key, numel, 1, device)
 
 
 def keep_mask(key: int, numel: int, threshold: int, device=None) -> torch.Tensor:
-    """Bool mask of kept elements: word >= threshold."""
+    """Bool mask of kept elements: U >= threshold."""
     return random_words(key, numel, device) >= threshold

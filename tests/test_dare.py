@@ -8,7 +8,7 @@ import torch
 
 import fusedmerge
 from conftest import CPU_BACKENDS, assert_dicts_equal
-from fusedmerge.philox import drop_threshold, keep_mask, mask_key
+from fusedmerge.philox import drop_threshold, keep_mask, mask_key, random_words
 
 
 def _ones_masks(p, names, n, numel, backend, seed=0):
@@ -30,6 +30,19 @@ def test_masks_are_the_philox_masks(backend):
         for name in names:
             want = keep_mask(mask_key(11, i, name), 10_007, drop_threshold(0.3)).float()
             assert torch.equal(m[name], want), (i, name)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_BACKENDS)
+def test_low_half_decides_where_the_high_half_ties(backend):
+    """Kernels draw the low halves B only where A = T >> 16: thresholds at and just above element k's U
+    keep and then drop it, every other element as the reference says."""
+    numel = 3000
+    u = random_words(mask_key(4, 0, "w"), numel)
+    for k in (0, 17, 1234, 2999):
+        for t in (int(u[k]), int(u[k]) + 1):
+            assert t >> 16 == int(u[k]) >> 16
+            (m,) = _ones_masks(t / 2**32, ["w"], 1, numel, backend, seed=4)
+            assert torch.equal(m["w"], (u >= t).float()) and m["w"][k] == (t == int(u[k])), (k, t)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -76,7 +89,7 @@ def test_masks_are_independent_across_models_tensors_and_neighbours():
     masks = _ones_masks(p, ["x", "y"], 2, n, "cpu", seed=9)
     a, b, c = masks[0]["x"].bool(), masks[1]["x"].bool(), masks[0]["y"].bool()
     bound = 5 * math.sqrt(n * 0.25 * 0.75)
-    for u, v in ((a, b), (a, c), (a[:-1], a[1:]), (a[:-4], a[4:])):
+    for u, v in ((a, b), (a, c), (a[:-1], a[1:]), (a[:-16], a[16:]), (a[:-32], a[32:]), (a[:-128], a[128:])):
         both = (u & v).sum().item()
         assert abs(both - len(u) * 0.25) < bound
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusedmerge.philox import ELEMENTS_PER_CALL, drop_threshold, mask_key, philox4x32, random_words
+from fusedmerge.philox import ELEMENTS_PER_CALL, drop_threshold, element_halves, mask_key, philox4x32, random_words
 
 
 def _words(counter, key):
@@ -20,13 +20,27 @@ def test_random123_known_answers():
     assert _words((0xFFFFFFFF,) * 4, 0xFFFFFFFFFFFFFFFF) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 
+GOLDEN_U = ['0x449f946f', '0x5747f528', '0xc91f66be', '0x489be255', '0xecd1cda1', '0x14114f5f', '0xe3c1a177']
+
+
+def _half(key, call, stream, word, half):
+    return (_words((call, 0, stream, 0), key)[word] >> (16 * half)) & 0xFFFF
+
+
 def test_stream_layout_is_frozen():
-    """One call serves 4 consecutive elements; counter = (call lo, call hi, 0, 0)."""
-    assert ELEMENTS_PER_CALL == 4
+    """U = (A << 16) | B; element 128·g + 32·w + 16·h + l takes half h of word w of call 16·g + l,
+    A from counter (call, 0, 0, 0) and B from (call, 0, 1, 0)."""
+    assert ELEMENTS_PER_CALL == 8
     key = mask_key(0, 0, "w")
     assert key == mask_key(0, 0, "w") != mask_key(0, 1, "w") != mask_key(1, 0, "w")
-    w = random_words(key, 10)
-    assert [int(x) for x in w[4:8]] == _words((1, 0, 0, 0), key)
+    u = random_words(key, 300)
+    for j in (0, 1, 15, 16, 31, 32, 77, 127, 128, 200, 299):
+        g, r = divmod(j, 128)
+        call, word, half = 16 * g + r % 16, r // 32, (r // 16) % 2
+        assert int(u[j]) == _half(key, call, 0, word, half) << 16 | _half(key, call, 1, word, half), j
+    assert torch.equal(element_halves(key, 300, 0), u >> 16)
+    # golden values: changing them changes every mask drawn so far
+    assert [hex(int(x)) for x in u[[0, 1, 16, 32, 127, 128, 299]]] == GOLDEN_U
     j = torch.tensor([2**32 + 2], dtype=torch.int64)
     z = torch.zeros_like(j)
     hi = [int(x) for x in philox4x32(j & 0xFFFFFFFF, j >> 32, z, z, key & 0xFFFFFFFF, key >> 32)]
@@ -39,9 +53,13 @@ def test_triton_randint4x_is_the_same_stream():
     import triton.language as tl
 
     @triton.jit
-    def kernel(out_ptr, key, calls_ptr, n: tl.constexpr):
+    def kernel(out_ptr, key, calls_ptr, stream, n: tl.constexpr):
         calls = tl.load(calls_ptr + tl.arange(0, n))
-        w0, w1, w2, w3 = tl.randint4x(key, calls)
+        if stream == 0:
+            w0, w1, w2, w3 = tl.randint4x(key, calls)
+        else:  # the counter's third word set: what the low halves B are drawn with
+            lo = calls.to(tl.uint32)
+            w0, w1, w2, w3 = tl.philox(key, lo, (calls >> 32).to(tl.uint32), lo * 0 + stream, lo * 0)
         base = out_ptr + tl.arange(0, n) * 4
         tl.store(base, w0.to(tl.int64))
         tl.store(base + 1, w1.to(tl.int64))
@@ -51,10 +69,11 @@ def test_triton_randint4x_is_the_same_stream():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     calls = torch.tensor([0, 1, 2, 3, 12345, 2**31 - 1, 2**32 + 5, 2**40 + 7], dtype=torch.int64, device=device)
     for key in (42, mask_key(7, 3, "vision_model.encoder.layers.0.mlp.fc1.weight")):
-        out = torch.zeros(len(calls) * 4, dtype=torch.int64, device=device)
-        signed = key - 2**64 if key >= 2**63 else key
-        kernel[(1,)](out, signed, calls, len(calls))
-        want = []
-        for c in calls.tolist():
-            want += _words((c & 0xFFFFFFFF, c >> 32, 0, 0), key)
-        assert [v & 0xFFFFFFFF for v in out.tolist()] == want
+        for stream in (0, 1):
+            out = torch.zeros(len(calls) * 4, dtype=torch.int64, device=device)
+            signed = key - 2**64 if key >= 2**63 else key
+            kernel[(1,)](out, signed, calls, stream, len(calls))
+            want = []
+            for c in calls.tolist():
+                want += _words((c & 0xFFFFFFFF, c >> 32, stream, 0), key)
+            assert [v & 0xFFFFFFFF for v in out.tolist()] == want

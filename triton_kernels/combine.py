@@ -2,7 +2,7 @@
 of csrc/cpu/combine_cpu.h.
 
 For each tile (tensor t, elements start..start+BLOCK) and inputs x_i of that tensor, base b, coeffs c_i,
-drop threshold T and Philox keys k_i (keep_i[j] = word j % 4 of randint4x(k_i, j // 4) >= T)::
+drop threshold T and Philox keys k_i (keep_i[j] = U(k_i, j) >= T, fusedmerge/philox.py)::
 
     e_i = keep_i ? c_i*(x_i - b) : 0                 (no base: x_i alone; no drop when T = 0)
     acc = e_0 ; acc = acc + e_i                       (fp32 or fp64, left fold)
@@ -60,12 +60,27 @@ def _store_rounded(addr, code, offs, mask, v):
 
 
 @triton.jit
-def _words(key, start, BLOCK: tl.constexpr):
-    """Philox word of each element start..start+BLOCK: one randint4x call serves 4 consecutive elements."""
-    calls = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    w0, w1, w2, w3 = tl.randint4x(key, calls)
-    # join adds a minor axis: [i, a, b] = (w0, w2 | w1, w3)[b][a] flattens to w0, w1, w2, w3 per call
-    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK,))
+def _halves(key, start, stream, BLOCK: tl.constexpr):
+    """16-bit half of Philox stream `stream` for each element start..start+BLOCK (fusedmerge/philox.py; start
+    a multiple of 128): call 16·g + lane gives, per group g, elements [word, half, lane]."""
+    n = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+    lo = n.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(key, lo, (n >> 32).to(tl.uint32), lo * 0 + stream, lo * 0)
+    # join adds a minor axis: [i, a, b] = (w0, w2 | w1, w3)[b][a] is word 2a + b of call i
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK // 128, 16, 2, 2))
+    halves = tl.join(words & 0xFFFF, words >> 16)  # [group, lane, a, b, half]
+    return tl.reshape(tl.permute(halves, (0, 2, 3, 4, 1)), (BLOCK,))
+
+
+@triton.jit
+def _uniforms(key, start, threshold, BLOCK: tl.constexpr):
+    """32-bit uniform U = (A << 16) | B of each element, for comparison with `threshold`: B (stream 1) is
+    drawn only when some A equals threshold >> 16, as it cannot change the comparison elsewhere."""
+    a = _halves(key, start, 0, BLOCK)
+    u = a << 16
+    if tl.max((a == (threshold >> 16)).to(tl.int32), axis=0) > 0:
+        u = u | _halves(key, start, 1, BLOCK)
+    return u
 
 
 @triton.jit
@@ -79,7 +94,8 @@ def _term(row, i, b, start, offs, mask, threshold, HAS_BASE: tl.constexpr, ACC_F
         c = c.to(tl.float32)
     x = x * c
     if threshold != 0:
-        keep = _words(tl.load(row + 9 + 4 * i), start, BLOCK) >= threshold.to(tl.uint32)
+        t32 = threshold.to(tl.uint32)
+        keep = _uniforms(tl.load(row + 9 + 4 * i), start, t32, BLOCK) >= t32
         x = tl.where(keep, x, 0.0)
     return x
 
@@ -116,7 +132,7 @@ def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, 
 
 
 def launch(table, tile_tensor, tile_start, *, n_inputs, acc_f64, block):
-    """One launch over all tiles; tensors are on the kernel's device. Tile starts are multiples of 4."""
+    """One launch over all tiles; tensors are on the kernel's device. Tile starts are multiples of 128."""
     grid = (tile_tensor.numel(),)
     combine_kernel[grid](table, tile_tensor, tile_start, N=n_inputs, ACC_F64=acc_f64, BLOCK=block,
                          num_warps=8, enable_fp_fusion=False)
@@ -136,7 +152,8 @@ def l1_buckets_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, buckets_ptr, N
         mant = ((bits & 0x7FFFFF) | tl.where(e != 0, 0x800000, 0).to(tl.uint32)).to(tl.int64)
         keep = mask
         if drop != 0:
-            keep = mask & (_words(tl.load(row + 9 + 4 * i), start, BLOCK) >= drop.to(tl.uint32))
+            d32 = drop.to(tl.uint32)
+            keep = mask & (_uniforms(tl.load(row + 9 + 4 * i), start, d32, BLOCK) >= d32)
         cell = buckets_ptr + (t * N + i) * 512 + e
         tl.atomic_add(cell, mant, mask=mask)
         tl.atomic_add(cell + 256, mant, mask=keep)

@@ -13,7 +13,7 @@ values. The vote kernel alone returns each tile's Σ σ, for vote_tie = majority
 import triton
 import triton.language as tl
 
-from .combine import _load_acc, _store_rounded, _words, tile_of
+from .combine import _load_acc, _store_rounded, _uniforms, tile_of
 
 BLOCK = 1024
 BLOCK_INTERPRETER = 1 << 14
@@ -25,7 +25,8 @@ def _trimmed(row, m, b, start, offs, mask, thr_row, rescale, BLOCK: tl.constexpr
     tau = _load_acc(tl.load(row + 6 + 4 * m), tl.load(row + 7 + 4 * m), offs, mask, False) - b
     drop = tl.load(row + 5)
     if drop != 0:
-        keep = _words(tl.load(row + 9 + 4 * m), start, BLOCK) >= drop.to(tl.uint32)
+        d32 = drop.to(tl.uint32)
+        keep = _uniforms(tl.load(row + 9 + 4 * m), start, d32, BLOCK) >= d32
         if rescale != 1.0:
             tau = tau * rescale
         t = tl.where(keep, tau, 0.0)

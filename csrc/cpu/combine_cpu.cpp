@@ -2,7 +2,7 @@
 // level (namespace FM_ISA).
 //
 // For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b,
-// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = philox word of (key_i, j) >= T:
+// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = U(key_i, j) >= T (csrc/philox.h):
 //     d_i = x_i[j] - b[j]            (d_i = x_i[j] without a base)
 //     e_i = keep_i[j] ? c_i*d_i : 0  (e_i = c_i*d_i without dropping)
 //     acc = e_0;  acc = acc + e_i  for i = 1..N-1   (left fold, one rounding per operation)
@@ -71,7 +71,9 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t
     const Acc c = static_cast<Acc>(row.coeff(i));
     const int64_t dt = row.input_dtype(i);
     if (threshold != 0) {
-      philox_words(words, row.key(i), start, n);
+      // Drawing is compute-bound: keep the memory busy meanwhile with the next chunk of this input.
+      prefetch_next_chunk(row.input(i), dt, start, row.numel());
+      uniform_words(words, row.key(i), start, n, threshold);
       if (has_base) fold_input<Acc, true, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
       else fold_input<Acc, false, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
     } else if (has_base) {
@@ -121,7 +123,7 @@ void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64
       for (int64_t i = 0; i < n_inputs; ++i) {
         load_any(tau, row.input(i), row.input_dtype(i), c.start, c.n);
         const uint32_t threshold = row.drop_threshold();
-        if (threshold != 0) philox_words(words, row.key(i), c.start, c.n);
+        if (threshold != 0) uniform_words(words, row.key(i), c.start, c.n, threshold);
         int64_t* all = mine.data() + ((c.row * n_inputs + i) * 2) * 256;
         int64_t* kept = all + 256;
         for (int64_t j = 0; j < c.n; ++j) {

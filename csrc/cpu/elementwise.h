@@ -1,7 +1,11 @@
 // Typed, vectorisable element loops shared by the CPU kernels: storage types, exact widening, one
 // round-to-nearest-even narrowing (csrc/numerics.h), and the dispatch from a dtype code to a storage type.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../numerics.h"
 #include "../philox.h"
@@ -13,7 +17,7 @@ namespace FM_ISA {
 // Elements a CPU kernel handles at a time, per tensor and input. Measured on the 2-core AVX-512 dev
 // machine, ViT-B/32 N = 8: chunks of 4096 reached 92 % (fp32) and 69 % (bf16) of the copy bandwidth,
 // 256 reach ~100 % and ~90 %: short chunks keep the N input streams finely interleaved, which the
-// hardware prefetchers follow best. A multiple of kElementsPerCall.
+// hardware prefetchers follow best. A multiple of kGroup.
 constexpr int64_t kChunk = 256;
 
 struct bf16_t { uint16_t bits; };
@@ -74,30 +78,91 @@ void store_any(void* p, int64_t dt, int64_t start, const Acc* v, int64_t n) {
   });
 }
 
-// The Philox words (csrc/philox.h) of elements [start, start + n) of one (model, tensor), n <= kChunk and
-// start a multiple of 4. The rounds run over arrays of calls so that they vectorise, then interleave.
-inline void philox_words(uint32_t* __restrict words, uint64_t key, int64_t start, int64_t n) {
-  constexpr int64_t kCalls = kChunk / kElementsPerCall;
-  alignas(64) uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
-  const uint64_t first_call = static_cast<uint64_t>(start / kElementsPerCall);
-  const int64_t calls = (n + kElementsPerCall - 1) / kElementsPerCall;
-  for (int64_t c = 0; c < calls; ++c) {
-    const uint64_t ctr = first_call + static_cast<uint64_t>(c);
-    c0[c] = static_cast<uint32_t>(ctr);
-    c1[c] = static_cast<uint32_t>(ctr >> 32);
-    c2[c] = 0;
-    c3[c] = 0;
+// Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/philox.h): words[w][lane].
+inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, uint32_t stream) {
+  const uint64_t first = group * 16;  // a multiple of 16: the low counter words of first + lane never carry
+#if defined(__AVX512F__)
+  // mulhi of 16 lanes: two 32x32->64 products (even lanes, odd lanes) and a blend of their high halves.
+  const auto mulhi = [](__m512i a, __m512i m) {
+    const __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+    return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  };
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  __m512i c2 = _mm512_set1_epi32(static_cast<int>(stream)), c3 = _mm512_setzero_si512();
+  for (int r = 0; r < 10; ++r) {
+    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(philox_key0(key, r)));
+    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(philox_key1(key, r)));
+    const __m512i hb = mulhi(c2, mb), ha = mulhi(c0, ma);
+    const __m512i lb = _mm512_mullo_epi32(c2, mb), la = _mm512_mullo_epi32(c0, ma);
+    c0 = _mm512_ternarylogic_epi32(hb, c1, k0, 0x96);  // three-way xor
+    c2 = _mm512_ternarylogic_epi32(ha, c3, k1, 0x96);
+    c1 = lb;
+    c3 = la;
+  }
+  _mm512_store_si512(words[0], c0);
+  _mm512_store_si512(words[1], c1);
+  _mm512_store_si512(words[2], c2);
+  _mm512_store_si512(words[3], c3);
+#else
+  uint32_t(&c0)[16] = words[0];
+  uint32_t(&c1)[16] = words[1];
+  uint32_t(&c2)[16] = words[2];
+  uint32_t(&c3)[16] = words[3];
+  for (int l = 0; l < 16; ++l) {
+    c0[l] = static_cast<uint32_t>(first) + static_cast<uint32_t>(l);
+    c1[l] = static_cast<uint32_t>(first >> 32);
+    c2[l] = stream;
+    c3[l] = 0;
   }
   for (int r = 0; r < 10; ++r) {
     const uint32_t k0 = philox_key0(key, r), k1 = philox_key1(key, r);
-    for (int64_t c = 0; c < calls; ++c) philox_round(c0[c], c1[c], c2[c], c3[c], k0, k1);
+    for (int l = 0; l < 16; ++l) philox_round(c0[l], c1[l], c2[l], c3[l], k0, k1);
   }
-  for (int64_t c = 0; c < calls; ++c) {
-    words[4 * c] = c0[c];
-    words[4 * c + 1] = c1[c];
-    words[4 * c + 2] = c2[c];
-    words[4 * c + 3] = c3[c];
+#endif
+}
+
+// 32-bit uniforms u[0, n) of elements [start, start + n) of one (model, tensor), for comparison with
+// `threshold` (csrc/philox.h); start a multiple of kGroup, n <= kChunk. The low halves (stream 1) are drawn
+// only in groups where some high half equals threshold >> 16; elsewhere they are left 0, which cannot
+// change a comparison with the threshold.
+inline void uniform_words(uint32_t* __restrict u, uint64_t key, int64_t start, int64_t n, uint32_t threshold) {
+  const uint32_t tie = threshold >> 16;
+  for (int64_t g0 = 0; g0 < n; g0 += kGroup) {
+    uint32_t* __restrict ug = u + g0;
+    const uint64_t group = static_cast<uint64_t>(start + g0) / kGroup;
+    alignas(64) uint32_t words[4][16];
+    group_words(words, key, group, 0);
+    uint32_t ties = 0;
+    for (int w = 0; w < 4; ++w) {
+      for (int l = 0; l < 16; ++l) {
+        const uint32_t x = words[w][l];
+        ug[32 * w + l] = x << 16;
+        ug[32 * w + 16 + l] = x & 0xFFFF0000u;
+        ties |= static_cast<uint32_t>((x & 0xFFFFu) == tie) | static_cast<uint32_t>((x >> 16) == tie);
+      }
+    }
+    if (ties == 0) continue;
+    group_words(words, key, group, 1);
+    for (int w = 0; w < 4; ++w) {
+      for (int l = 0; l < 16; ++l) {
+        ug[32 * w + l] |= words[w][l] & 0xFFFFu;
+        ug[32 * w + 16 + l] |= words[w][l] >> 16;
+      }
+    }
   }
+}
+
+// Prefetches the chunk after the one at `start` of a tensor (dtype code dt, numel elements) into the caches.
+// Compute-bound loops call it between their compute phases, which leave the hardware prefetchers idle.
+inline void prefetch_next_chunk(const void* p, int64_t dt, int64_t start, int64_t numel) {
+  const int64_t next = start + kChunk;
+  if (next >= numel) return;
+  const char* a = at(p, dt, next);
+  const int64_t bytes = std::min(kChunk, numel - next) * dtype_size(dt);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(a + b, 0, 3);
 }
 
 }  // namespace FM_ISA

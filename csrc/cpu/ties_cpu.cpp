@@ -37,6 +37,7 @@ inline uint32_t magnitude_bits(float tau) { return bits_from_f32(tau) & 0x7FFFFF
 
 // τ of model m over elements [start, start + n) of a row.
 void load_tau(const TableRow& row, int64_t m, int64_t start, int64_t n, const float* b, float* tau) {
+  prefetch_next_chunk(row.input(m), row.input_dtype(m), start, row.numel());
   load_any(tau, row.input(m), row.input_dtype(m), start, n);
   for (int64_t j = 0; j < n; ++j) tau[j] = tau[j] - b[j];
 }
@@ -215,12 +216,13 @@ void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, c
                    float* __restrict s, uint32_t* __restrict words) {
   for (int64_t m = 0; m < n_inputs; ++m) {
     float* __restrict tr = trimmed + m * kChunk;
+    prefetch_next_chunk(row.input(m), row.input_dtype(m), start, row.numel());
     load_any(tr, row.input(m), row.input_dtype(m), start, n);
     if (row.drop_threshold() != 0) {
       const uint32_t T = row.drop_threshold();
       const float r = static_cast<float>(p.drop_rescale);
       const bool scale = p.drop_rescale != 1.0;
-      philox_words(words, row.key(m), start, n);
+      uniform_words(words, row.key(m), start, n, T);
       for (int64_t j = 0; j < n; ++j) {
         const float tau = tr[j] - b[j];
         const float scaled = scale ? tau * r : tau;

@@ -4,8 +4,9 @@
 // with explicitly rounded (_rn) operations so nvcc cannot contract them into FMAs.
 //
 // One launch serves the whole table: a grid-stride loop over tiles of kTile elements; each tile finds its
-// tensor by binary search over the per-tensor tile prefix. Each thread owns kGroups groups of 4
-// consecutive elements (one Philox call covers a group), groups of a warp are contiguous in memory.
+// tensor by binary search over the per-tensor tile prefix. Each thread owns kCalls Philox calls of the
+// tile and the 8 elements each serves (csrc/philox.h: call 16 g + l serves elements 128 g + 32 w + 16 h + l),
+// so 16 neighbouring threads read 16 consecutive elements.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -20,9 +21,9 @@ namespace fm {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kGroups = 2;
-constexpr int kPerThread = 4 * kGroups;
-constexpr int64_t kTile = int64_t(kThreads) * kPerThread;
+constexpr int kCalls = 2;
+constexpr int kPerThread = 8 * kCalls;
+constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // a multiple of kGroup
 
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
@@ -31,9 +32,33 @@ __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
-// Element k of this thread's share of the tile starting at `start`.
+// Call q of this thread, counted from the tile's first call.
+__device__ __forceinline__ int64_t tile_call(int q) { return int64_t(q) * kThreads + threadIdx.x; }
+
+// Element k of this thread's share of the tile starting at `start`: half h = k % 2 of word w = (k / 2) % 4
+// of call q = k / 8.
 __device__ __forceinline__ int64_t element(int64_t start, int k) {
-  return start + (int64_t(k / 4) * kThreads + threadIdx.x) * 4 + (k % 4);
+  const int64_t c = tile_call(k / 8);
+  return start + (c / 16) * kGroup + c % 16 + 32 * ((k / 2) % 4) + 16 * (k % 2);
+}
+
+// The 32-bit uniforms of the 8 elements served by call q of this thread (csrc/philox.h), for comparison with
+// `threshold`: stream 1 only where a high half ties with threshold >> 16.
+__device__ __forceinline__ void uniforms(uint32_t (&u)[8], int64_t start, int q, uint64_t key, uint32_t threshold) {
+  const uint64_t call = static_cast<uint64_t>(start / kElementsPerCall + tile_call(q));
+  const Words4 a = philox4x32_10(call, key, 0);
+  bool tie = false;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const uint32_t hi = (a.w[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+    u[e] = hi << 16;
+    tie = tie || hi == threshold >> 16;
+  }
+  if (tie) {
+    const Words4 b = philox4x32_10(call, key, 1);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) u[e] |= (b.w[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+  }
 }
 
 template <typename Acc>
@@ -54,19 +79,18 @@ __device__ void combine_tile(const TableRow& row, int64_t n_inputs, int64_t star
     const Acc c = static_cast<Acc>(row.coeff(i));
     const uint64_t key = row.key(i);
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      Words4 words = {{0, 0, 0, 0}};
-      if (threshold != 0 && element(start, 4 * g) < numel)
-        words = philox4x32_10(static_cast<uint64_t>(element(start, 4 * g) / 4), key);
+    for (int q = 0; q < kCalls; ++q) {
+      uint32_t u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (threshold != 0 && element(start, 8 * q) < numel) uniforms(u, start, q, key, threshold);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int k = 4 * g + r;
+      for (int e = 0; e < 8; ++e) {
+        const int k = 8 * q + e;
         const int64_t j = element(start, k);
         if (j < numel) {
           Acc v = load_as<Acc>(x, dt, j);
           if (has_base) v = sub_rn(v, b[k]);
           v = mul_rn(v, c);
-          if (threshold != 0 && words.w[r] < threshold) v = Acc(0);
+          if (threshold != 0 && u[e] < threshold) v = Acc(0);
           acc[k] = i == 0 ? v : add_rn(acc[k], v);
         }
       }

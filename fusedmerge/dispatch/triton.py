@@ -22,7 +22,7 @@ def combine(jobs: Sequence[CombineJob]) -> None:
 
 
 def _tiles(table: torch.Tensor, block: int, device):
-    """Per tile: its row of the table and its first element (a multiple of 4), on `device`."""
+    """Per tile: its row of the table and its first element (a multiple of 128), on `device`."""
     tiles = (table[:, 2] + block - 1) // block
     tile_tensor = torch.repeat_interleave(torch.arange(table.shape[0], dtype=torch.int64), tiles)
     first = torch.cumsum(tiles, 0) - tiles
