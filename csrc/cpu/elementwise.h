@@ -82,30 +82,32 @@ void store_any(void* p, int64_t dt, int64_t start, const Acc* v, int64_t n) {
 inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, uint32_t stream) {
   const uint64_t first = group * 16;  // a multiple of 16: the low counter words of first + lane never carry
 #if defined(__AVX512F__)
-  // mulhi of 16 lanes: two 32x32->64 products (even lanes, odd lanes) and a blend of their high halves.
-  const auto mulhi = [](__m512i a, __m512i m) {
-    const __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-    return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  };
-  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
-  __m512i c2 = _mm512_set1_epi32(static_cast<int>(stream)), c3 = _mm512_setzero_si512();
-  for (int r = 0; r < 10; ++r) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(philox_key0(key, r)));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(philox_key1(key, r)));
-    const __m512i hb = mulhi(c2, mb), ha = mulhi(c0, ma);
-    const __m512i lb = _mm512_mullo_epi32(c2, mb), la = _mm512_mullo_epi32(c0, ma);
-    c0 = _mm512_ternarylogic_epi32(hb, c1, k0, 0x96);  // three-way xor
-    c2 = _mm512_ternarylogic_epi32(ha, c3, k1, 0x96);
-    c1 = lb;
-    c3 = la;
+  // Two vectors of 8 calls, each word in the low half of a 64-bit lane: one vpmuludq gives a round's whole
+  // product (low word in place, high word by a shift); the high halves of the lanes hold garbage that
+  // vpmuludq ignores and the final narrowing drops.
+  const __m512i ma = _mm512_set1_epi64(0xD2511F53), mb = _mm512_set1_epi64(0xCD9E8D57);
+  __m512i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<uint32_t>(first) + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    c1[h] = _mm512_set1_epi64(static_cast<uint32_t>(first >> 32));
+    c2[h] = _mm512_set1_epi64(stream);
+    c3[h] = _mm512_setzero_si512();
   }
-  _mm512_store_si512(words[0], c0);
-  _mm512_store_si512(words[1], c1);
-  _mm512_store_si512(words[2], c2);
-  _mm512_store_si512(words[3], c3);
+  for (int r = 0; r < 10; ++r) {
+    const __m512i k0 = _mm512_set1_epi64(philox_key0(key, r)), k1 = _mm512_set1_epi64(philox_key1(key, r));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i pb = _mm512_mul_epu32(c2[h], mb), pa = _mm512_mul_epu32(c0[h], ma);
+      c0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[h], k0, 0x96);  // three-way xor
+      c2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[h], k1, 0x96);
+      c1[h] = pb;
+      c3[h] = pa;
+    }
+  }
+  const __m512i* out[4] = {c0, c1, c2, c3};
+  for (int w = 0; w < 4; ++w) {
+    const __m256i lo = _mm512_cvtepi64_epi32(out[w][0]), hi = _mm512_cvtepi64_epi32(out[w][1]);
+    _mm512_store_si512(words[w], _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+  }
 #else
   uint32_t(&c0)[16] = words[0];
   uint32_t(&c1)[16] = words[1];
@@ -135,6 +137,18 @@ inline void uniform_words(uint32_t* __restrict u, uint64_t key, int64_t start, i
     const uint64_t group = static_cast<uint64_t>(start + g0) / kGroup;
     alignas(64) uint32_t words[4][16];
     group_words(words, key, group, 0);
+    // ug[32 w + 16 h + l] = half h of words[w][l], shifted up; any half equal to `tie`?
+#if defined(__AVX512F__)
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512i ties16 = _mm512_set1_epi16(static_cast<int16_t>(tie));
+    __mmask32 ties = 0;
+    for (int w = 0; w < 4; ++w) {
+      const __m512i x = _mm512_load_si512(words[w]);
+      _mm512_storeu_si512(ug + 32 * w, _mm512_slli_epi32(x, 16));
+      _mm512_storeu_si512(ug + 32 * w + 16, _mm512_and_si512(x, high));
+      ties |= _mm512_cmpeq_epi16_mask(x, ties16);
+    }
+#else
     uint32_t ties = 0;
     for (int w = 0; w < 4; ++w) {
       for (int l = 0; l < 16; ++l) {
@@ -144,6 +158,7 @@ inline void uniform_words(uint32_t* __restrict u, uint64_t key, int64_t start, i
         ties |= static_cast<uint32_t>((x & 0xFFFFu) == tie) | static_cast<uint32_t>((x >> 16) == tie);
       }
     }
+#endif
     if (ties == 0) continue;
     group_words(words, key, group, 1);
     for (int w = 0; w < 4; ++w) {
