@@ -2,22 +2,25 @@
 // The formula is fusedmerge/reference.py:ties_reference, in fp32, one rounding per operation.
 //
 // Selection (ties_select): the k-th largest |τ| of every (scope, model), without sorting. |τ| is handled
-// as the bits of a non-negative float, which order like the values. A sample (1024 evenly spaced runs
-// of 16 elements: short runs, as magnitudes correlate along a row of a low-rank task vector) brackets
-// the answer in [lo, hi]; one streaming pass over the scope, all models at once, counts the magnitudes
-// above hi and collects those inside the bracket; nth_element on the collected ones gives the exact
-// answer. A missed bracket (rare) falls back to nth_element over the whole scope.
+// as the bits of a non-negative float, which order like the values. A sample (evenly spaced runs of 16
+// elements: short runs, as magnitudes correlate along a row of a low-rank task vector) brackets the answer
+// in [lo, hi]; one streaming pass over the scope, all models at once, counts the magnitudes above hi and
+// collects those inside the bracket; nth_element on the collected ones gives the exact answer. A missed
+// bracket (rare) falls back to nth_element over the whole scope. The sample grows as n^(2/3): sampling
+// costs ~S, the final selection ~n/sqrt(S) (the bracket's share of the scope).
 //
 // Merge (ties_merge): one streaming pass, a chunk of 256 elements at a time with all N trimmed task
 // vectors of the chunk in a small scratch (never N×P). With vote_tie = majority, a first pass sums the
 // elected signs over the whole table (an exact integer, independent of the order).
 #include <omp.h>
+#include <sys/mman.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <vector>
 
 #include "../numerics.h"
@@ -30,14 +33,73 @@ namespace fm {
 namespace FM_ISA {
 namespace {
 
-constexpr int64_t kRuns = 1024;
 constexpr int64_t kRun = 16;
+
+// Sample runs for a scope of n elements: S = 2 n^(2/3) elements, from 256 to 65536 runs; 0 (every element
+// a candidate) when the scope is not much larger than that.
+int64_t sample_runs(int64_t n) {
+  const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(2.0 * std::cbrt(double(n) * double(n))) / kRun, 256, 65536);
+  return n <= 4 * runs * kRun ? 0 : runs;
+}
+
+// A growable buffer of magnitude bits. Big ones are mapped and populated by one call: faulting tens of MB in
+// page by page costs more than the pass that fills them.
+class Candidates {
+ public:
+  Candidates() = default;
+  Candidates(Candidates&& o) noexcept : data_(o.data_), size_(o.size_), capacity_(o.capacity_) { o.data_ = nullptr; }
+  Candidates(const Candidates&) = delete;
+  Candidates& operator=(const Candidates&) = delete;
+  ~Candidates() { release(); }
+  uint32_t* begin() const { return data_; }
+  uint32_t* end() const { return data_ + size_; }
+  size_t size() const { return size_; }
+  size_t capacity() const { return capacity_; }
+  void reserve(size_t n) {
+    if (n <= capacity_) return;
+    uint32_t* p = nullptr;
+    if (n * sizeof(uint32_t) < kMapped) {
+      p = new uint32_t[n];
+    } else {
+      void* m = mmap(nullptr, n * sizeof(uint32_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | kPopulate, -1, 0);
+      if (m == MAP_FAILED) throw std::bad_alloc();
+      p = static_cast<uint32_t*>(m);
+    }
+    std::copy(begin(), end(), p);
+    const size_t size = size_;
+    release();
+    data_ = p;
+    size_ = size;
+    capacity_ = n;
+  }
+  uint32_t* room(size_t n) {  // space for n more, at end(); grown by doubling
+    if (size_ + n > capacity_) reserve(std::max({2 * capacity_, size_ + n, size_t(1) << 14}));
+    return end();
+  }
+  void grow(size_t n) { size_ += n; }
+  void append(const Candidates& o) { std::copy(o.begin(), o.end(), room(o.size())); size_ += o.size(); }
+  void release() {
+    if (data_ != nullptr && capacity_ * sizeof(uint32_t) < kMapped) delete[] data_;
+    else if (data_ != nullptr) munmap(data_, capacity_ * sizeof(uint32_t));
+    data_ = nullptr;
+    size_ = capacity_ = 0;
+  }
+
+ private:
+  static constexpr size_t kMapped = size_t(1) << 16;  // buffers from this size on are mapped, smaller from the heap
+#if defined(MAP_POPULATE)
+  static constexpr int kPopulate = MAP_POPULATE;
+#else
+  static constexpr int kPopulate = 0;
+#endif
+  uint32_t* data_ = nullptr;
+  size_t size_ = 0, capacity_ = 0;
+};
 
 inline uint32_t magnitude_bits(float tau) { return bits_from_f32(tau) & 0x7FFFFFFFu; }
 
 // τ of model m over elements [start, start + n) of a row.
 void load_tau(const TableRow& row, int64_t m, int64_t start, int64_t n, const float* b, float* tau) {
-  prefetch_next_chunk(row.input(m), row.input_dtype(m), start, row.numel());
   load_any(tau, row.input(m), row.input_dtype(m), start, n);
   for (int64_t j = 0; j < n; ++j) tau[j] = tau[j] - b[j];
 }
@@ -99,32 +161,76 @@ void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scope
   }
 }
 
-// Writes the magnitude bits of tau[0, n) that lie in [l, h] to out (room for n), returns how many.
-size_t compact_bracket(const float* tau, int64_t n, uint32_t l, uint32_t h, uint32_t* out) {
+// Counts the magnitudes of tau[0, n) above h and appends those in [l, h] to `inside`; returns the count.
+int64_t count_and_collect(const float* __restrict tau, int64_t n, uint32_t l, uint32_t h, Candidates& inside) {
+  uint32_t* out = inside.room(n);
   size_t c = 0;
-  int64_t j = 0;
+  int64_t above = 0, j = 0;
 #if defined(__AVX512F__)
+  // Four vectors at a time, so the store offsets depend on one running count per 64 elements, not per 16.
   const __m512i vl = _mm512_set1_epi32(static_cast<int>(l)), vh = _mm512_set1_epi32(static_cast<int>(h));
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  for (; j + 16 <= n; j += 16) {
-    const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(tau + j), abs_mask);
-    const __mmask16 k = _mm512_cmpge_epu32_mask(bits, vl) & _mm512_cmple_epu32_mask(bits, vh);
-    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(k, bits));  // c + 16 <= j + 16 <= n
-    c += static_cast<size_t>(__builtin_popcount(k));
+  for (; j + 64 <= n; j += 64) {
+    __m512i bits[4];
+    __mmask16 in[4];
+    int count[4];
+    for (int v = 0; v < 4; ++v) {
+      bits[v] = _mm512_and_si512(_mm512_loadu_si512(tau + j + 16 * v), abs_mask);
+      const __mmask16 gt = _mm512_cmpgt_epu32_mask(bits[v], vh);
+      in[v] = _mm512_mask_cmpge_epu32_mask(_knot_mask16(gt), bits[v], vl);
+      above += __builtin_popcount(gt);
+      count[v] = __builtin_popcount(in[v]);
+    }
+    // branch-free, compressed in a register (compress to memory is slow); c + 64 <= j + 64 <= n
+    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(in[0], bits[0]));
+    _mm512_storeu_si512(out + c + count[0], _mm512_maskz_compress_epi32(in[1], bits[1]));
+    _mm512_storeu_si512(out + c + count[0] + count[1], _mm512_maskz_compress_epi32(in[2], bits[2]));
+    _mm512_storeu_si512(out + c + count[0] + count[1] + count[2], _mm512_maskz_compress_epi32(in[3], bits[3]));
+    c += static_cast<size_t>(count[0] + count[1] + count[2] + count[3]);
   }
 #endif
-  for (; j < n; ++j) {  // the serial dependency through c makes this ~5 cycles an element
+  for (; j < n; ++j) {  // branch-free compaction; the dependency through c makes it ~5 cycles an element
     const uint32_t bits = magnitude_bits(tau[j]);
+    above += bits > h;
     out[c] = bits;
     c += (bits >= l) & (bits <= h);
   }
-  return c;
+  inside.grow(c);
+  return above;
 }
 
 // k-th largest (1-based) of v, destroying v's order.
 uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k) {
   std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<uint32_t>());
   return v[k - 1];
+}
+
+// k-th largest (1-based) of v[0, n), all in [l, h], destroying v: a histogram of 4096 buckets over [l, h]
+// finds the bucket holding it, nth_element runs on that bucket's elements only (nth_element alone costs
+// ~10 ns an element on unpredictable branches, the histogram ~1).
+uint32_t kth_largest_in(uint32_t* v, size_t n, int64_t k, uint32_t l, uint32_t h) {
+  constexpr int kBits = 12;
+  const uint32_t span = h - l;
+  int shift = 0;
+  while ((span >> shift) >= (1u << kBits)) ++shift;
+  std::vector<int64_t> counts(size_t(1) << kBits, 0);
+  for (size_t i = 0; i < n; ++i) ++counts[(v[i] - l) >> shift];
+  int64_t above = 0;
+  uint32_t bucket = (span >> shift) + 1;
+  do {
+    --bucket;
+    above += counts[bucket];
+  } while (above < k);
+  above -= counts[bucket];
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i) {  // branch-free compaction of the bucket to the front
+    const uint32_t x = v[i];
+    v[m] = x;
+    m += ((x - l) >> shift) == bucket;
+  }
+  uint32_t* kth = v + (k - above - 1);
+  std::nth_element(v, kth, v + m, std::greater<uint32_t>());
+  return *kth;
 }
 
 }  // namespace
@@ -134,26 +240,50 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   const Scopes scopes(table, n_tensors, n_inputs, model_scope);
   const int64_t n_scopes = scopes.count(), pairs = n_scopes * n_inputs;
   std::vector<uint32_t> lo(pairs, 0), hi(pairs, 0xFFFFFFFFu);
+  std::vector<size_t> expected(pairs);  // candidates a thread is expected to collect for a pair
   // 1. Bracket each k-th largest with a sample.
 #pragma omp parallel for schedule(dynamic)
   for (int64_t pm = 0; pm < pairs; ++pm) {
-    const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm];
-    if (n <= kRuns * kRun) continue;  // small scope: every element is a candidate
-    std::vector<uint32_t> sample(kRuns * kRun);
-    for (int64_t r = 0; r < kRuns; ++r)
-      fill_scope_bits(table, n_inputs, scopes, s, m, r * (n - kRun) / (kRuns - 1), kRun, sample.data() + r * kRun);
+    const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm], runs = sample_runs(n);
+    if (runs == 0) {  // small scope: every element is a candidate
+      expected[pm] = static_cast<size_t>(n);
+      continue;
+    }
+    std::vector<uint32_t> sample(runs * kRun);
+    const auto run_start = [&](int64_t r) { return r * (n - kRun) / (runs - 1); };
+    const auto prefetch_run = [&](int64_t r) {  // runs are cache misses: keep kAhead of them in flight
+      const int64_t i = run_start(r), t = scopes.row_at(s, i);
+      const TableRow row(table, n_inputs, t);
+      __builtin_prefetch(at(row.base(), row.base_dtype(), i - scopes.offsets[t]), 0, 2);
+      __builtin_prefetch(at(row.input(m), row.input_dtype(m), i - scopes.offsets[t]), 0, 2);
+    };
+    constexpr int64_t kAhead = 32;
+    for (int64_t r = 0; r < std::min(runs, kAhead); ++r) prefetch_run(r);
+    for (int64_t r = 0; r < runs; ++r) {
+      if (r + kAhead < runs) prefetch_run(r + kAhead);
+      fill_scope_bits(table, n_inputs, scopes, s, m, run_start(r), kRun, sample.data() + r * kRun);
+    }
     const int64_t S = static_cast<int64_t>(sample.size());
-    const double q = static_cast<double>(k) / n, margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
+    const double q = static_cast<double>(k) / n, margin = 5.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
     const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin));
     const int64_t r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
-    hi[pm] = r_hi < 0 ? 0xFFFFFFFFu : kth_largest(sample, r_hi + 1);
-    lo[pm] = r_lo >= S ? 0u : kth_largest(sample, r_lo + 1);
+    const auto [smallest, largest] = std::minmax_element(sample.begin(), sample.end());
+    const uint32_t l = *smallest, h = *largest;
+    if (r_hi >= 0) {
+      std::vector<uint32_t> copy(sample);
+      hi[pm] = kth_largest_in(copy.data(), copy.size(), r_hi + 1, l, h);
+    }
+    if (r_lo < S) lo[pm] = kth_largest_in(sample.data(), sample.size(), r_lo + 1, l, h);
+    // a row (tensor scope) is mostly one thread's; the whole state dict (model scope) is split evenly
+    const double share = (std::min(r_lo, S) - std::max<int64_t>(r_hi, 0) + 16.0) / S * n;
+    expected[pm] = static_cast<size_t>(1.2 * share / (model_scope ? omp_get_max_threads() : 1)) + 1024;
   }
   // 2. One pass: count above the bracket, collect inside it (per thread).
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   const int threads = omp_get_max_threads();
   std::vector<std::vector<int64_t>> above(threads, std::vector<int64_t>(pairs, 0));
-  std::vector<std::vector<std::vector<uint32_t>>> inside(threads, std::vector<std::vector<uint32_t>>(pairs));
+  std::vector<std::vector<Candidates>> inside(threads);
+  for (std::vector<Candidates>& per_thread : inside) per_thread.resize(pairs);
 #pragma omp parallel
   {
     const int tid = omp_get_thread_num();
@@ -166,21 +296,10 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
       load_base(row, c.start, n, b);
       for (int64_t m = 0; m < n_inputs; ++m) {
         const int64_t pm = scopes.scope_of(c.row) * n_inputs + m;
+        prefetch_next_chunk(row.input(m), row.input_dtype(m), c.start, row.numel());
         load_tau(row, m, c.start, n, b, tau);
-        const uint32_t l = lo[pm], h = hi[pm];
-        int64_t count = 0, in = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint32_t bits = magnitude_bits(tau[j]);
-          count += bits > h;
-          in += (bits >= l) & (bits <= h);
-        }
-        above[tid][pm] += count;
-        if (in > 0) {  // branch-free compaction into the (thread, scope, model) buffer
-          std::vector<uint32_t>& buf = inside[tid][pm];
-          const size_t used = buf.size();
-          buf.resize(used + n);
-          buf.resize(used + compact_bracket(tau, n, l, h, buf.data() + used));
-        }
+        inside[tid][pm].reserve(expected[pm]);
+        above[tid][pm] += count_and_collect(tau, n, lo[pm], hi[pm], inside[tid][pm]);
       }
     }
   }
@@ -189,14 +308,24 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   for (int64_t pm = 0; pm < pairs; ++pm) {
     const int64_t k = ks[pm];
     int64_t gt = 0;
-    std::vector<uint32_t> cand;
+    size_t total = 0;
+    int widest = 0;
     for (int th = 0; th < threads; ++th) {
       gt += above[th][pm];
-      cand.insert(cand.end(), inside[th][pm].begin(), inside[th][pm].end());
-      std::vector<uint32_t>().swap(inside[th][pm]);
+      total += inside[th][pm].size();
+      if (inside[th][pm].capacity() > inside[widest][pm].capacity()) widest = th;
+    }
+    Candidates& cand = inside[widest][pm];  // all in the widest buffer
+    cand.reserve(total);
+    for (int th = 0; th < threads; ++th) {
+      if (th != widest) {
+        cand.append(inside[th][pm]);
+        inside[th][pm].release();
+      }
     }
     if (gt < k && k <= gt + static_cast<int64_t>(cand.size())) {
-      thresholds[pm] = kth_largest(cand, k - gt);
+      thresholds[pm] = kth_largest_in(cand.begin(), cand.size(), k - gt, lo[pm], hi[pm]);
+      cand.release();
     } else {
       const int64_t s = pm / n_inputs, m = pm % n_inputs;
       std::vector<uint32_t> all(scopes.sizes[s]);
@@ -294,6 +423,14 @@ int64_t ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inputs,
 
 namespace {
 
+// s[j] = sign of s[j], or tie_sign where it is 0 (or NaN).
+void elect(float* __restrict s, int64_t n, float tie_sign) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = s[j];
+    s[j] = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : tie_sign);
+  }
+}
+
 // m = Σ agree·u (Sum), with den = Σ agree·w (Mean), or max agree·|u| (Max); then out = b + λ·m.
 template <int64_t Mode>
 void merge_chunk(const TableRow& row, int64_t n_inputs, const TiesParams& p, int64_t start, int64_t n,
@@ -340,10 +477,7 @@ void ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const
   for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
                        [&](int, const TableRow& row, int64_t start, int64_t n, const float* b, float* s,
                            const float* trimmed) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float sg = sign_of(s[j]);
-      s[j] = sg == 0.0f ? tie_sign : sg;  // s now holds the elected sign σ
-    }
+    elect(s, n, tie_sign);  // s now holds the elected sign σ
     if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed);
     else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed);
     else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed);
