@@ -35,10 +35,10 @@ namespace {
 
 constexpr int64_t kRun = 16;
 
-// Sample runs for a scope of n elements: S = 2 n^(2/3) elements, from 256 to 65536 runs; 0 (every element
+// Sample runs for a scope of n elements: S = n^(2/3) elements, from 256 to 65536 runs; 0 (every element
 // a candidate) when the scope is not much larger than that.
 int64_t sample_runs(int64_t n) {
-  const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(2.0 * std::cbrt(double(n) * double(n))) / kRun, 256, 65536);
+  const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(std::cbrt(double(n) * double(n))) / kRun, 256, 65536);
   return n <= 4 * runs * kRun ? 0 : runs;
 }
 
@@ -161,36 +161,50 @@ void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scope
   }
 }
 
-// Counts the magnitudes of tau[0, n) above h and appends those in [l, h] to `inside`; returns the count.
-int64_t count_and_collect(const float* __restrict tau, int64_t n, uint32_t l, uint32_t h, Candidates& inside) {
+// Counts the magnitudes of τ = x - b (model m, elements [start, start + n) of a row) above h and appends those
+// in [l, h] to `inside`; returns the count. fp32 and bf16 inputs go straight from memory to the compare
+// (AVX-512); others through load_tau. `tau` is scratch for kChunk floats.
+int64_t count_and_collect(const TableRow& row, int64_t m, int64_t start, int64_t n, const float* __restrict b,
+                          uint32_t l, uint32_t h, Candidates& inside, float* __restrict tau) {
   uint32_t* out = inside.room(n);
   size_t c = 0;
   int64_t above = 0, j = 0;
+  const int64_t dt = row.input_dtype(m);
 #if defined(__AVX512F__)
-  // Four vectors at a time, so the store offsets depend on one running count per 64 elements, not per 16.
-  const __m512i vl = _mm512_set1_epi32(static_cast<int>(l)), vh = _mm512_set1_epi32(static_cast<int>(h));
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  for (; j + 64 <= n; j += 64) {
-    __m512i bits[4];
-    __mmask16 in[4];
-    int count[4];
-    for (int v = 0; v < 4; ++v) {
-      bits[v] = _mm512_and_si512(_mm512_loadu_si512(tau + j + 16 * v), abs_mask);
-      const __mmask16 gt = _mm512_cmpgt_epu32_mask(bits[v], vh);
-      in[v] = _mm512_mask_cmpge_epu32_mask(_knot_mask16(gt), bits[v], vl);
-      above += __builtin_popcount(gt);
-      count[v] = __builtin_popcount(in[v]);
+  if (dt == kF32 || dt == kBF16) {
+    const char* x = at(row.input(m), dt, start);
+    const auto load = [&](int64_t i) {  // 16 elements from i, widened exactly
+      if (dt == kF32) return _mm512_loadu_ps(reinterpret_cast<const float*>(x) + i);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(x) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    };
+    // Four vectors at a time, so the store offsets depend on one running count per 64 elements, not per 16.
+    const __m512i vl = _mm512_set1_epi32(static_cast<int>(l)), vh = _mm512_set1_epi32(static_cast<int>(h));
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+    for (; j + 64 <= n; j += 64) {
+      __m512i bits[4];
+      __mmask16 in[4];
+      int count[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m512 t = _mm512_sub_ps(load(j + 16 * v), _mm512_loadu_ps(b + j + 16 * v));
+        bits[v] = _mm512_and_si512(_mm512_castps_si512(t), abs_mask);
+        const __mmask16 gt = _mm512_cmpgt_epu32_mask(bits[v], vh);
+        in[v] = _mm512_mask_cmpge_epu32_mask(_knot_mask16(gt), bits[v], vl);
+        above += __builtin_popcount(gt);
+        count[v] = __builtin_popcount(in[v]);
+      }
+      // branch-free, compressed in a register (compress to memory is slow); c + 64 <= j + 64 <= n
+      _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(in[0], bits[0]));
+      _mm512_storeu_si512(out + c + count[0], _mm512_maskz_compress_epi32(in[1], bits[1]));
+      _mm512_storeu_si512(out + c + count[0] + count[1], _mm512_maskz_compress_epi32(in[2], bits[2]));
+      _mm512_storeu_si512(out + c + count[0] + count[1] + count[2], _mm512_maskz_compress_epi32(in[3], bits[3]));
+      c += static_cast<size_t>(count[0] + count[1] + count[2] + count[3]);
     }
-    // branch-free, compressed in a register (compress to memory is slow); c + 64 <= j + 64 <= n
-    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(in[0], bits[0]));
-    _mm512_storeu_si512(out + c + count[0], _mm512_maskz_compress_epi32(in[1], bits[1]));
-    _mm512_storeu_si512(out + c + count[0] + count[1], _mm512_maskz_compress_epi32(in[2], bits[2]));
-    _mm512_storeu_si512(out + c + count[0] + count[1] + count[2], _mm512_maskz_compress_epi32(in[3], bits[3]));
-    c += static_cast<size_t>(count[0] + count[1] + count[2] + count[3]);
   }
 #endif
-  for (; j < n; ++j) {  // branch-free compaction; the dependency through c makes it ~5 cycles an element
-    const uint32_t bits = magnitude_bits(tau[j]);
+  if (j < n) load_tau(row, m, start + j, n - j, b + j, tau);
+  for (int64_t i = 0; j < n; ++j, ++i) {  // branch-free compaction; the dependency through c makes it ~5 cycles an element
+    const uint32_t bits = magnitude_bits(tau[i]);
     above += bits > h;
     out[c] = bits;
     c += (bits >= l) & (bits <= h);
@@ -296,10 +310,8 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
       load_base(row, c.start, n, b);
       for (int64_t m = 0; m < n_inputs; ++m) {
         const int64_t pm = scopes.scope_of(c.row) * n_inputs + m;
-        prefetch_next_chunk(row.input(m), row.input_dtype(m), c.start, row.numel());
-        load_tau(row, m, c.start, n, b, tau);
         inside[tid][pm].reserve(expected[pm]);
-        above[tid][pm] += count_and_collect(tau, n, lo[pm], hi[pm], inside[tid][pm]);
+        above[tid][pm] += count_and_collect(row, m, c.start, n, b, lo[pm], hi[pm], inside[tid][pm], tau);
       }
     }
   }
@@ -340,42 +352,59 @@ namespace {
 inline float sign_of(float v) { return static_cast<float>(v > 0.0f) - static_cast<float>(v < 0.0f); }
 
 // Trim and vote for one chunk; fills trimmed[m][j] and v[m][j], returns the elected sums in s[j].
+// The vote of one trimmed task vector: s[j] = (First ? 0 : s[j]) + f(v), v = weighted ? τ̂·w : τ̂,
+// f = sign (elect by count) or identity (by mass); the first term is assigned, not added to 0.
+struct Vote {
+  float w;
+  bool weighted, count;
+  template <bool First>
+  void add(float* __restrict s, int64_t j, float tr) const {
+    const float v = weighted ? tr * w : tr;
+    const float e = count ? sign_of(v) : v;
+    s[j] = First ? e : s[j] + e;
+  }
+};
+
+// tr[j] = τ̂ = |τ| ≥ t ? τ : 0 for τ = x[j] - b[j], and its vote, in one loop.
+template <typename T, bool First>
+void trim_and_vote_input(const void* src, const float* __restrict b, uint32_t t, int64_t n, float* __restrict tr,
+                         float* __restrict s, const Vote& vote) {
+  const T* __restrict x = static_cast<const T*>(src);
+  for (int64_t j = 0; j < n; ++j) {
+    const float tau = static_cast<float>(widen(x[j])) - b[j];
+    tr[j] = magnitude_bits(tau) >= t ? tau : 0.0f;
+    vote.add<First>(s, j, tr[j]);
+  }
+}
+
 void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, const uint32_t* thr,
                    int64_t start, int64_t n, const float* __restrict b, float* __restrict trimmed,
                    float* __restrict s, uint32_t* __restrict words) {
   for (int64_t m = 0; m < n_inputs; ++m) {
     float* __restrict tr = trimmed + m * kChunk;
-    prefetch_next_chunk(row.input(m), row.input_dtype(m), start, row.numel());
-    load_any(tr, row.input(m), row.input_dtype(m), start, n);
+    const int64_t dt = row.input_dtype(m);
+    const Vote vote{p.weighted_vote ? static_cast<float>(row.coeff(m)) : 1.0f, p.weighted_vote, p.elect_count};
     if (row.drop_threshold() != 0) {
       const uint32_t T = row.drop_threshold();
       const float r = static_cast<float>(p.drop_rescale);
       const bool scale = p.drop_rescale != 1.0;
+      prefetch_next_chunk(row.input(m), dt, start, row.numel());  // drawing is compute-bound
+      load_any(tr, row.input(m), dt, start, n);
       uniform_words(words, row.key(m), start, n, T);
       for (int64_t j = 0; j < n; ++j) {
         const float tau = tr[j] - b[j];
         const float scaled = scale ? tau * r : tau;
         tr[j] = words[j] >= T ? scaled : 0.0f;
+        if (m == 0) vote.add<true>(s, j, tr[j]);
+        else vote.add<false>(s, j, tr[j]);
       }
     } else {
-      const uint32_t t = thr[m];
-      for (int64_t j = 0; j < n; ++j) {
-        const float tau = tr[j] - b[j];
-        tr[j] = magnitude_bits(tau) >= t ? tau : 0.0f;
-      }
-    }
-    const float w = p.weighted_vote ? static_cast<float>(row.coeff(m)) : 1.0f;
-    const bool count = p.elect_count, weighted = p.weighted_vote;
-    if (m == 0) {
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = weighted ? tr[j] * w : tr[j];
-        s[j] = count ? sign_of(v) : v;
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = weighted ? tr[j] * w : tr[j];
-        s[j] = s[j] + (count ? sign_of(v) : v);
-      }
+      dispatch_dtype(dt, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        const void* x = at(row.input(m), dt, start);
+        if (m == 0) trim_and_vote_input<T, true>(x, b, thr[m], n, tr, s, vote);
+        else trim_and_vote_input<T, false>(x, b, thr[m], n, tr, s, vote);
+      });
     }
   }
 }
