@@ -3,7 +3,8 @@ extra) on synthetic Llama-shaped checkpoints of ≈ 0.95B parameters (hidden 204
 bf16, 500 MB shards, base + 3 models; methods linear, ties and dare_ties (density 0.3). Wall time and peak
 RSS of each command in one run. Issue targets on this CPU: ≥ 3× faster, ≤ ¼ of mergekit's peak RSS.
 
-The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e).
+The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e) and
+read once before each command, so both start from the page cache.
 """
 
 import json
@@ -37,6 +38,18 @@ def checkpoints():
             write_checkpoint(os.path.join(ROOT, f"m{i}"), shapes, i)
         open(done, "w").close()
     return ROOT
+
+
+def warm_page_cache():
+    """Flushes earlier outputs to disk and reads every input shard once, so that both tools start from the
+    page cache with no write-back of another run's files going on."""
+    os.sync()
+    for name in ["base"] + [f"m{i}" for i in range(MODELS)]:
+        folder = os.path.join(ROOT, name)
+        for file in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, file), "rb") as f:
+                while f.read(64 << 20):
+                    pass
 
 
 def config(method: str) -> str:
@@ -77,6 +90,7 @@ def test_merge_end_to_end(benchmark, method, impl):
     cfg = config(method)
     out = os.path.join(ROOT, f"out-{method}-{impl}")
     shutil.rmtree(out, ignore_errors=True)
+    warm_page_cache()
     results = []
     benchmark.group = f"e2e {method} ~0.95B bf16 base+{MODELS}"
     benchmark.pedantic(lambda: results.append(measure(COMMANDS[impl](cfg, out))), rounds=1, iterations=1)

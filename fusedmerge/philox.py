@@ -7,7 +7,8 @@ Stream: for counter (c0, c1, c2, c3) and key (k0, k1), ten rounds of::
     k0 += 0x9E3779B9            k1 += 0xBB67AE85            (A = 0xD2511F53, B = 0xCD9E8D57)
 
 Masks: the key of (seed, model index, tensor name) is the first 8 bytes (little endian) of
-BLAKE2b("fusedmerge-dare-v1:{seed}:{index}:{name}"). Element j of the flattened tensor has the 32-bit
+BLAKE2b("fusedmerge-dare-v2:{seed}:{index}:{name}") (v1 keyed a retired layout of
+4 elements per call). Element j of the flattened tensor has the 32-bit
 uniform U = (A << 16) | B, where A and B are 16-bit halves from the streams s = 0 and s = 1: in group
 g = j // 128, with r = j % 128, half (r // 16) % 2 of word r // 32 of the call with counter
 (n mod 2³², n // 2³², s, 0), n = 16·g + r % 16. It is dropped when U < T, T = floor(p·2³²): an integer
@@ -33,12 +34,12 @@ _M32 = 0xFFFFFFFF
 
 def mask_key(seed: int, index: int, name: str) -> int:
     """The 64-bit Philox key of model `index`'s tensor `name` under `seed`."""
-    digest = hashlib.blake2b(f"fusedmerge-dare-v1:{int(seed)}:{int(index)}:{name}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"fusedmerge-dare-v2:{int(seed)}:{int(index)}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
 def drop_threshold(p: float) -> int:
-    """T = floor(p·2³²): an element is dropped when its 32-bit word is below T."""
+    """T = floor(p·2³²): an element is dropped when its 32-bit uniform U is below T."""
     return math.floor(float(p) * 2**32)
 
 

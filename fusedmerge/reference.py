@@ -2,7 +2,7 @@
 
 Linear combination with optional random drop (averaging, weighted averaging, task arithmetic, DARE) of
 one tensor: inputs x_0..x_{N-1}, optional base b, coefficients c_i (Python floats, rounded once to the
-accumulation dtype) and, when a drop threshold T > 0 is set, keep_i = Philox word of (key_i, element) >= T
+accumulation dtype) and, when a drop threshold T > 0 is set, keep_i = U(key_i, element) >= T
 (fusedmerge/philox.py)::
 
     d_i = x_i - b                     (d_i = x_i without a base)

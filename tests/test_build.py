@@ -36,3 +36,54 @@ def test_every_backend_reports_why_it_is_missing():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_runs_on_cpu_under_the_interpreter_or_on_gpu():
     assert STATUS["triton"].available, STATUS["triton"].reason
+
+
+ISA_CHECK = """
+import torch, fusedmerge
+from fusedmerge import _cpu
+from fusedmerge.philox import mask_key, random_words
+g = torch.Generator().manual_seed(0)
+base = {"w": torch.randn(70001, generator=g).bfloat16(), "v": torch.randn(3001, generator=g)}
+models = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()} for _ in range(3)]
+u = random_words(mask_key(0, 1, "w"), 70001)
+p = int(u[12345]) / 2**32  # a threshold whose high half ties with an element's: the low halves decide
+calls = [lambda b: fusedmerge.dare(base, models, p, backend=b),
+         lambda b: fusedmerge.dare(base, models, 0.9, rescale="l1", backend=b),
+         lambda b: fusedmerge.ties(base, models, density=0.2, backend=b),
+         lambda b: fusedmerge.ties(base, models, density=0.3, scope="model", merge="mean", backend=b),
+         lambda b: fusedmerge.ties(base, models, dare_p=0.5, merge="max", backend=b),
+         lambda b: fusedmerge.task_arithmetic(base, models, 0.3, backend=b)]
+for f in calls:
+    got, want = f("cpu"), f("torch")
+    assert all(torch.equal(got[k].view(torch.int16 if got[k].dtype == torch.bfloat16 else torch.int32),
+                           want[k].view(torch.int16 if want[k].dtype == torch.bfloat16 else torch.int32)) for k in got)
+print(_cpu.isa())
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_variant_equals_the_reference(isa):
+    """Each ISA build (the generic loops as well as the AVX-512 intrinsics) on DARE, TIES and their tails."""
+    import os
+    import subprocess
+    import sys
+    from fusedmerge import _cpu
+
+    supported = {"baseline": ["baseline"], "avx2": ["baseline", "avx2"], "avx512": ["baseline", "avx2", "avx512"]}
+    if isa not in supported[_cpu.isa()]:
+        pytest.skip(f"this CPU runs at most the {_cpu.isa()} variant")
+    env = {**os.environ, "FUSEDMERGE_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == isa
+
+
+def test_unknown_cpu_variant_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FUSEDMERGE_CPU_ISA": "sse9"}
+    out = subprocess.run([sys.executable, "-c", "from fusedmerge import _cpu; _cpu.isa()"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "FUSEDMERGE_CPU_ISA=sse9" in out.stderr

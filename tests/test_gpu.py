@@ -75,3 +75,17 @@ def test_dare_and_ties_on_gpu(clip_b32_as, backend, dtype):
         for options in (dict(), dict(scope="model", vote_tie="majority", merge="mean"), dict(dare_p=0.8)):
             ties = lambda b: fusedmerge.ties(base, models, density=0.2, backend=b, **options)  # noqa: E731
             assert_dicts_equal(ties(backend), ties("torch"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_dare_low_halves_decide_ties_on_gpu(backend):
+    """Thresholds at and just above element k's U: the GPU kernels must draw the low halves there."""
+    from fusedmerge.philox import mask_key, random_words
+
+    numel = 100_003
+    u = random_words(mask_key(4, 0, "w"), numel)
+    ones, zeros = {"w": torch.ones(numel, device="cuda")}, {"w": torch.zeros(numel, device="cuda")}
+    for k in (0, 17, 4099, numel - 1):
+        for t in (int(u[k]), int(u[k]) + 1):
+            got = fusedmerge.dare(zeros, [ones], t / 2**32, rescale=False, seed=4, backend=backend)["w"]
+            assert torch.equal(got.cpu(), (u >= t).float()), (k, t)

@@ -63,6 +63,7 @@ def _store_rounded(addr, code, offs, mask, v):
 def _halves(key, start, stream, BLOCK: tl.constexpr):
     """16-bit half of Philox stream `stream` for each element start..start+BLOCK (fusedmerge/philox.py; start
     a multiple of 128): call 16·g + lane gives, per group g, elements [word, half, lane]."""
+    tl.static_assert(BLOCK % 128 == 0)
     n = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
     lo = n.to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(key, lo, (n >> 32).to(tl.uint32), lo * 0 + stream, lo * 0)

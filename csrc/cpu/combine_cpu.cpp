@@ -106,11 +106,10 @@ void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   const int64_t size = n_tensors * n_inputs * 2 * 256;
   const int threads = omp_get_max_threads();
-  std::vector<std::vector<int64_t>> partial(threads);
+  std::vector<std::vector<int64_t>> partial(threads, std::vector<int64_t>(size, 0));  // allocated outside the region
 #pragma omp parallel
   {
     std::vector<int64_t>& mine = partial[omp_get_thread_num()];
-    mine.assign(size, 0);
     alignas(64) float b[kChunk];
     alignas(64) float tau[kChunk];
     alignas(64) uint32_t words[kChunk];

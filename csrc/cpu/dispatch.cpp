@@ -1,5 +1,9 @@
 // Runtime choice of the CPU kernel variant: the wheel carries baseline x86-64, x86-64-v3 (AVX2, FMA
 // unused) and x86-64-v4 (AVX-512) builds of the same sources and runs the best one this CPU supports.
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
 #include "combine_cpu.h"
 #include "ties_cpu.h"
 
@@ -17,15 +21,24 @@ struct Variant {
 
 #define FM_VARIANT(ns) {#ns, ns::combine, ns::l1_buckets, ns::ties_select, ns::ties_sign_sum, ns::ties_merge}
 
+// The best variant this CPU runs, or the one FUSEDMERGE_CPU_ISA names (baseline, avx2, avx512: tests run each).
 Variant select_variant() {
+  const char* asked = std::getenv("FUSEDMERGE_CPU_ISA");
+  const std::string want = asked == nullptr ? "" : asked;
+  if (want == "baseline") return FM_VARIANT(baseline);
 #if defined(FM_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return FM_VARIANT(avx512);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2"))
-    return FM_VARIANT(avx2);
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  if (want == "avx512" && avx512) return FM_VARIANT(avx512);
+  if (want == "avx2" && avx2) return FM_VARIANT(avx2);
+  if (want.empty() && avx512) return FM_VARIANT(avx512);
+  if (want.empty() && avx2) return FM_VARIANT(avx2);
 #endif
+  if (!want.empty())
+    throw std::invalid_argument("FUSEDMERGE_CPU_ISA=" + want + ": this CPU or build has no such kernel variant " +
+                                "(baseline, avx2, avx512)");
   return FM_VARIANT(baseline);
 }
 

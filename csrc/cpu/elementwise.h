@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -78,6 +79,29 @@ void store_any(void* p, int64_t dt, int64_t start, const Acc* v, int64_t n) {
   });
 }
 
+// Runs pieces of an OpenMP region and keeps the first exception for after it: an exception leaving an
+// OpenMP region terminates the process (bad_alloc must reach Python as MemoryError).
+class RegionErrors {
+ public:
+  template <typename F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+#pragma omp critical(fm_region_errors)
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::exception_ptr first_;
+};
+
+static_assert(kChunk % kGroup == 0, "chunks hold whole Philox groups");
+
 // Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/philox.h): words[w][lane].
 inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, uint32_t stream) {
   const uint64_t first = group * 16;  // a multiple of 16: the low counter words of first + lane never carry
@@ -127,7 +151,8 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
 }
 
 // 32-bit uniforms u[0, n) of elements [start, start + n) of one (model, tensor), for comparison with
-// `threshold` (csrc/philox.h); start a multiple of kGroup, n <= kChunk. The low halves (stream 1) are drawn
+// `threshold` (csrc/philox.h); start a multiple of kGroup, n <= kChunk. Writes u up to the end of the last
+// group, n rounded up to a multiple of kGroup (<= kChunk). The low halves (stream 1) are drawn
 // only in groups where some high half equals threshold >> 16; elsewhere they are left 0, which cannot
 // change a comparison with the threshold.
 inline void uniform_words(uint32_t* __restrict u, uint64_t key, int64_t start, int64_t n, uint32_t threshold) {
@@ -138,7 +163,7 @@ inline void uniform_words(uint32_t* __restrict u, uint64_t key, int64_t start, i
     alignas(64) uint32_t words[4][16];
     group_words(words, key, group, 0);
     // ug[32 w + 16 h + l] = half h of words[w][l], shifted up; any half equal to `tie`?
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     const __m512i ties16 = _mm512_set1_epi16(static_cast<int16_t>(tie));
     __mmask32 ties = 0;

@@ -19,8 +19,10 @@
 #endif
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "../numerics.h"
@@ -47,7 +49,8 @@ int64_t sample_runs(int64_t n) {
 class Candidates {
  public:
   Candidates() = default;
-  Candidates(Candidates&& o) noexcept : data_(o.data_), size_(o.size_), capacity_(o.capacity_) { o.data_ = nullptr; }
+  Candidates(Candidates&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), capacity_(std::exchange(o.capacity_, 0)) {}
   Candidates(const Candidates&) = delete;
   Candidates& operator=(const Candidates&) = delete;
   ~Candidates() { release(); }
@@ -219,10 +222,11 @@ uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k) {
   return v[k - 1];
 }
 
-// k-th largest (1-based) of v[0, n), all in [l, h], destroying v: a histogram of 4096 buckets over [l, h]
+// k-th largest (1-based, 1 <= k <= n) of v[0, n), all in [l, h], destroying v: a histogram of 4096 buckets over [l, h]
 // finds the bucket holding it, nth_element runs on that bucket's elements only (nth_element alone costs
 // ~10 ns an element on unpredictable branches, the histogram ~1).
 uint32_t kth_largest_in(uint32_t* v, size_t n, int64_t k, uint32_t l, uint32_t h) {
+  assert(1 <= k && k <= static_cast<int64_t>(n) && l <= h);
   constexpr int kBits = 12;
   const uint32_t span = h - l;
   int shift = 0;
@@ -255,13 +259,15 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   const int64_t n_scopes = scopes.count(), pairs = n_scopes * n_inputs;
   std::vector<uint32_t> lo(pairs, 0), hi(pairs, 0xFFFFFFFFu);
   std::vector<size_t> expected(pairs);  // candidates a thread is expected to collect for a pair
+  const int threads = omp_get_max_threads();
+  RegionErrors errors;
   // 1. Bracket each k-th largest with a sample.
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t pm = 0; pm < pairs; ++pm) {
+  for (int64_t pm = 0; pm < pairs; ++pm) errors.run([&] {
     const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm], runs = sample_runs(n);
     if (runs == 0) {  // small scope: every element is a candidate
       expected[pm] = static_cast<size_t>(n);
-      continue;
+      return;
     }
     std::vector<uint32_t> sample(runs * kRun);
     const auto run_start = [&](int64_t r) { return r * (n - kRun) / (runs - 1); };
@@ -278,7 +284,7 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
       fill_scope_bits(table, n_inputs, scopes, s, m, run_start(r), kRun, sample.data() + r * kRun);
     }
     const int64_t S = static_cast<int64_t>(sample.size());
-    const double q = static_cast<double>(k) / n, margin = 5.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
+    const double q = static_cast<double>(k) / n, margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
     const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin));
     const int64_t r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
     const auto [smallest, largest] = std::minmax_element(sample.begin(), sample.end());
@@ -290,11 +296,11 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     if (r_lo < S) lo[pm] = kth_largest_in(sample.data(), sample.size(), r_lo + 1, l, h);
     // a row (tensor scope) is mostly one thread's; the whole state dict (model scope) is split evenly
     const double share = (std::min(r_lo, S) - std::max<int64_t>(r_hi, 0) + 16.0) / S * n;
-    expected[pm] = static_cast<size_t>(1.2 * share / (model_scope ? omp_get_max_threads() : 1)) + 1024;
-  }
+    expected[pm] = static_cast<size_t>(1.2 * share / (model_scope ? threads : 1)) + 1024;
+  });
+  errors.rethrow();
   // 2. One pass: count above the bracket, collect inside it (per thread).
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
-  const int threads = omp_get_max_threads();
   std::vector<std::vector<int64_t>> above(threads, std::vector<int64_t>(pairs, 0));
   std::vector<std::vector<Candidates>> inside(threads);
   for (std::vector<Candidates>& per_thread : inside) per_thread.resize(pairs);
@@ -303,7 +309,7 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     const int tid = omp_get_thread_num();
     float b[kChunk], tau[kChunk];
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < chunks.total(); ++g) {
+    for (int64_t g = 0; g < chunks.total(); ++g) errors.run([&] {
       const ChunkGrid::Span c = chunks[g];
       const TableRow row(table, n_inputs, c.row);
       const int64_t n = c.n;
@@ -313,11 +319,12 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
         inside[tid][pm].reserve(expected[pm]);
         above[tid][pm] += count_and_collect(row, m, c.start, n, b, lo[pm], hi[pm], inside[tid][pm], tau);
       }
-    }
+    });
   }
+  errors.rethrow();
   // 3. Exact answer inside the bracket, or the whole scope when the bracket missed.
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t pm = 0; pm < pairs; ++pm) {
+  for (int64_t pm = 0; pm < pairs; ++pm) errors.run([&] {
     const int64_t k = ks[pm];
     int64_t gt = 0;
     size_t total = 0;
@@ -339,19 +346,20 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
       thresholds[pm] = kth_largest_in(cand.begin(), cand.size(), k - gt, lo[pm], hi[pm]);
       cand.release();
     } else {
+      cand.release();
       const int64_t s = pm / n_inputs, m = pm % n_inputs;
       std::vector<uint32_t> all(scopes.sizes[s]);
       fill_scope_bits(table, n_inputs, scopes, s, m, 0, scopes.sizes[s], all.data());
       thresholds[pm] = kth_largest(all, k);
     }
-  }
+  });
+  errors.rethrow();
 }
 
 namespace {
 
 inline float sign_of(float v) { return static_cast<float>(v > 0.0f) - static_cast<float>(v < 0.0f); }
 
-// Trim and vote for one chunk; fills trimmed[m][j] and v[m][j], returns the elected sums in s[j].
 // The vote of one trimmed task vector: s[j] = (First ? 0 : s[j]) + f(v), v = weighted ? τ̂·w : τ̂,
 // f = sign (elect by count) or identity (by mass); the first term is assigned, not added to 0.
 struct Vote {
@@ -377,6 +385,7 @@ void trim_and_vote_input(const void* src, const float* __restrict b, uint32_t t,
   }
 }
 
+// Trim and vote for one chunk: trimmed[m][j] = τ̂ of model m, s[j] = the elected sum (or count).
 void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, const uint32_t* thr,
                    int64_t start, int64_t n, const float* __restrict b, float* __restrict trimmed,
                    float* __restrict s, uint32_t* __restrict words) {
@@ -416,11 +425,12 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
                           const uint32_t* thresholds, F&& f) {
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   const Scopes scopes(table, n_tensors, n_inputs, p.model_scope);
+  // per-thread scratch allocated before the region: an exception may not leave it
+  std::vector<std::vector<float>> scratches(omp_get_max_threads(), std::vector<float>(kChunk * (n_inputs + 2)));
 #pragma omp parallel
   {
-    std::vector<float> scratch(kChunk * (n_inputs + 2));
-    std::vector<uint32_t> words(kChunk);
-    float* b = scratch.data();
+    alignas(64) uint32_t words[kChunk];
+    float* b = scratches[omp_get_thread_num()].data();
     float* s = b + kChunk;
     float* trimmed = s + kChunk;
 #pragma omp for schedule(static)
@@ -429,7 +439,7 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
       const TableRow row(table, n_inputs, c.row);
       load_base(row, c.start, c.n, b);
       trim_and_vote(row, n_inputs, p, thresholds + scopes.scope_of(c.row) * n_inputs, c.start, c.n, b, trimmed, s,
-                    words.data());
+                    words);
       f(omp_get_thread_num(), row, c.start, c.n, b, s, trimmed);
     }
   }

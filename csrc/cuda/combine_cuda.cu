@@ -23,7 +23,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCalls = 2;
 constexpr int kPerThread = 8 * kCalls;
-constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // a multiple of kGroup
+constexpr int64_t kTile = int64_t(kThreads) * kPerThread;
+static_assert(kTile % kGroup == 0, "tiles hold whole Philox groups");
 
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
