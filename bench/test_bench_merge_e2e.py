@@ -50,6 +50,9 @@ def warm_page_cache():
             with open(os.path.join(folder, file), "rb") as f:
                 while f.read(64 << 20):
                     pass
+    # ... and the libraries both import, which those reads may have pushed out of the cache
+    subprocess.run([sys.executable, "-c", "import torch, fusedmerge\ntry:\n import mergekit.merge\nexcept ImportError:\n pass"],
+                   env=ENV, check=True)
 
 
 def config(method: str) -> str:
