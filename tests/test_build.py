@@ -62,7 +62,7 @@ print(_cpu.isa())
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-def test_every_cpu_variant_equals_the_reference(isa):
+def test_every_cpu_variant_equals_the_reference(isa, tmp_path):
     """Each ISA build (the generic loops as well as the AVX-512 intrinsics) on DARE, TIES and their tails."""
     import os
     import subprocess
@@ -73,17 +73,19 @@ def test_every_cpu_variant_equals_the_reference(isa):
     if isa not in supported[_cpu.isa()]:
         pytest.skip(f"this CPU runs at most the {_cpu.isa()} variant")
     env = {**os.environ, "FUSEDMERGE_CPU_ISA": isa}
-    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    # run outside the checkout, whose fusedmerge/ source folder would shadow the installed package
+    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == isa
 
 
-def test_unknown_cpu_variant_is_a_clear_error():
+def test_unknown_cpu_variant_is_a_clear_error(tmp_path):
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "FUSEDMERGE_CPU_ISA": "sse9"}
-    out = subprocess.run([sys.executable, "-c", "from fusedmerge import _cpu; _cpu.isa()"], env=env,
+    out = subprocess.run([sys.executable, "-c", "from fusedmerge import _cpu; _cpu.isa()"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "FUSEDMERGE_CPU_ISA=sse9" in out.stderr
