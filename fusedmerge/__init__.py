@@ -1,9 +1,10 @@
 """fusedmerge: fused multi-tensor kernels for model merging."""
 
 from .dispatch import BackendStatus, backends
-from .dare import dare
-from .linear import average, task_arithmetic, weighted_sum
-from .ties import ties
+from .methods.dare import dare
+from .methods.linear import average, weighted_sum
+from .methods.task_arithmetic import task_arithmetic
+from .methods.ties import ties
 from . import torch_ops  # noqa: E402,F401 — registers torch.ops.fusedmerge.*
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, options
 from .reference import CombineJob
 
 StateDict = Dict[str, torch.Tensor]
@@ -35,10 +35,15 @@ class Forms:
         if self.kind == "tensor":
             return merged[self.name]
         if self.kind == "module":
-            module = copy.deepcopy(self.first)
-            module.load_state_dict(merged, assign=True)
-            return module
+            return module_with_state(self.first, merged)
         return merged
+
+
+def module_with_state(like: nn.Module, state: StateDict) -> nn.Module:
+    """A copy of the module `like` holding the tensors of `state` (assigned, not copied)."""
+    module = copy.deepcopy(like)
+    module.load_state_dict(state, assign=True)
+    return module
 
 
 def _kind(x) -> Optional[str]:
@@ -122,11 +127,6 @@ def _agreed(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) ->
     return tensors[0].clone()
 
 
-def check_out_dtype(out_dtype) -> None:
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
-
-
 def _span(t: torch.Tensor):
     """The bytes a tensor can touch, strides included (views are not always contiguous)."""
     last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
@@ -177,7 +177,7 @@ def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[St
             arg: str = "inputs") -> Tuple[StateDict, List[Slot]]:
     """Check every key first (nothing is written when anything is wrong), then allocate the results (or take
     them from `out`) and settle integer buffers. Returns the result dict and the floating keys to merge."""
-    check_out_dtype(out_dtype)
+    options.out_dtype(out_dtype)
     others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
     others += [(label, d) for label, d in (("base", base), ("out", out)) if d is not None]
     _check_keys(forms.dicts[0], others, arg)
@@ -225,5 +225,5 @@ def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[List["Slo
         job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys)
         jobs.setdefault(slot.out.device, []).append(job)
     for device_jobs in jobs.values():
-        dispatch.combine(device_jobs, backend)
+        dispatch.run("combine", device_jobs, backend)
     return merged

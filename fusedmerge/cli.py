@@ -112,9 +112,12 @@ def main(argv=None) -> int:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the best is reported")
     sub.add_parser("backends", help="list the backends and why any is missing")
-    m = sub.add_parser("merge", help="merge model directories as a mergekit-style YAML configuration says")
-    m.add_argument("config", help="YAML configuration (mergekit schema: linear, task_arithmetic, ties, "
-                   "dare_linear, dare_ties; or opcm)")
+    from .checkpoint.config import METHODS, describe_methods
+
+    m = sub.add_parser("merge", help="merge model directories as a mergekit-style YAML configuration says",
+                       epilog="merge methods:\n  " + describe_methods().replace("\n", "\n  "),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("config", help=f"YAML configuration (mergekit schema; merge_method one of {', '.join(METHODS)})")
     m.add_argument("out_dir", help="output directory (must be empty or absent unless --overwrite)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i] (under torchrun, cuda takes LOCAL_RANK)")
     m.add_argument("--memory-budget", default=DEFAULT_BUDGET, help="bytes of input and output tensors held at "

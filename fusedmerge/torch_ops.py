@@ -1,85 +1,80 @@
-"""fusedmerge's ops as torch custom ops (torch.library), with fake implementations, so that they can be
+"""fusedmerge's methods as torch custom ops (torch.library), with fake implementations, so that they can be
 called inside ``torch.compile(fullgraph=True)`` code and pass ``torch.library.opcheck``.
 
-    torch.ops.fusedmerge.average(inputs, weights)                                   Σ wᵢ·xᵢ, w normalised
-    torch.ops.fusedmerge.task_arithmetic(base, inputs, scaling, weights)            θ0 + λ·Σ wᵢ·τᵢ
-    torch.ops.fusedmerge.dare(base, inputs, p, scaling, weights, rescale, seed, name)
-    torch.ops.fusedmerge.ties(base, inputs, density, scaling, weights, merge, dare_p, seed, name)
+One op per registered method with custom-op parameters (fusedmerge.methods.METHODS), its signature built
+from the method's options dataclass (fields declared with an `op` type, in field order) plus its op
+extras; ``print(torch.ops.fusedmerge.ties.default._schema)`` shows one. For example::
+
+    torch.ops.fusedmerge.average(inputs, weights, out_dtype)
+    torch.ops.fusedmerge.task_arithmetic(base, inputs, scaling, weights, out_dtype)
+    torch.ops.fusedmerge.dare(base, inputs, p, scaling, weights, rescale, seed, name, linear_only, out_dtype,
+                              l1_rescale)
+    torch.ops.fusedmerge.ties(base, inputs, density, scaling, weights, merge, dare_p, seed, name, scope, ...)
     torch.ops.fusedmerge.opcm_project(merged, task, alpha, variant)                 (b, m, n) or (m, n)
 
-Each is the Python op of the same name on tensors (weights None: all 1), so the results are the same bits;
-the result has the promoted dtype of the inputs (and base). Merging is not differentiable: no autograd
+Each is the Python function of the same name on tensors, so the results are the same bits; the result has
+`out_dtype`, else the promoted dtype of the inputs (and base). Merging is not differentiable: no autograd
 formula is registered.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+import dataclasses
+import inspect
+from typing import List
 
 import torch
 from torch import Tensor
 
-from .dare import dare as _dare
-from .linear import average as _average
-from .linear import task_arithmetic as _task_arithmetic
+from .methods import METHODS, Method
 from .opcm.projection import project
-from .ties import ties as _ties
+from .options import op_parameters
 
 
-def _promoted(tensors) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _result_like(first: Tensor, tensors, out_dtype) -> Tensor:
+    dtype = out_dtype
+    if dtype is None:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return first.new_empty(first.shape, dtype=dtype)
 
 
-def _like(base: Tensor, tensors) -> Tensor:
-    return base.new_empty(base.shape, dtype=_promoted(list(tensors)))
+def _register(method: Method):
+    params = op_parameters(method.options) + list(method.op_extras)
+    tensors = ["base", "inputs"] if method.takes_base else ["inputs"]
+    signature = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a)
+         for n, a in (("base", Tensor), ("inputs", List[Tensor]))[2 - len(tensors):]]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a,
+                             default=inspect.Parameter.empty if d is dataclasses.MISSING else d) for n, a, d in params],
+        return_annotation=Tensor)
+    call = method.op_call or method.function
+
+    def impl(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        heads = [values.pop(t) for t in tensors]
+        return call(*heads, **values)
+
+    def fake(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = bound.arguments["inputs"]
+        first = bound.arguments.get("base", inputs[0])
+        everything = ([bound.arguments["base"]] if method.takes_base else []) + list(inputs)
+        return _result_like(first, everything, bound.arguments.get("out_dtype"))
+
+    impl.__signature__ = fake.__signature__ = signature
+    impl.__name__ = method.name
+    impl.__doc__ = method.function.__doc__
+    op = torch.library.custom_op(f"fusedmerge::{method.name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
-@torch.library.custom_op("fusedmerge::average", mutates_args=())
-def average(inputs: List[Tensor], weights: Optional[List[float]] = None) -> Tensor:
-    return _average(inputs, weights)
-
-
-@average.register_fake
-def _(inputs, weights=None):
-    return _like(inputs[0], inputs)
-
-
-@torch.library.custom_op("fusedmerge::task_arithmetic", mutates_args=())
-def task_arithmetic(base: Tensor, inputs: List[Tensor], scaling: float = 1.0,
-                    weights: Optional[List[float]] = None) -> Tensor:
-    return _task_arithmetic(base, inputs, scaling, weights=weights)
-
-
-@task_arithmetic.register_fake
-def _(base, inputs, scaling=1.0, weights=None):
-    return _like(base, [base, *inputs])
-
-
-@torch.library.custom_op("fusedmerge::dare", mutates_args=())
-def dare(base: Tensor, inputs: List[Tensor], p: float, scaling: float = 1.0, weights: Optional[List[float]] = None,
-         rescale: bool = True, seed: int = 0, name: str = "tensor") -> Tensor:
-    return _dare(base, inputs, p, weights=weights, scaling=scaling, rescale=rescale, seed=seed, name=name)
-
-
-@dare.register_fake
-def _(base, inputs, p, scaling=1.0, weights=None, rescale=True, seed=0, name="tensor"):
-    return _like(base, [base, *inputs])
-
-
-@torch.library.custom_op("fusedmerge::ties", mutates_args=())
-def ties(base: Tensor, inputs: List[Tensor], density: float = 0.2, scaling: float = 1.0,
-         weights: Optional[List[float]] = None, merge: str = "sum", dare_p: Optional[float] = None, seed: int = 0,
-         name: str = "tensor") -> Tensor:
-    return _ties(base, inputs, density=density, scaling=scaling, weights=weights, merge=merge, dare_p=dare_p,
-                 seed=seed, name=name)
-
-
-@ties.register_fake
-def _(base, inputs, density=0.2, scaling=1.0, weights=None, merge="sum", dare_p=None, seed=0, name="tensor"):
-    return _like(base, [base, *inputs])
+OPS = {name: _register(m) for name, m in METHODS.items() if op_parameters(m.options) or m.op_extras}
 
 
 @torch.library.custom_op("fusedmerge::opcm_project", mutates_args=())

@@ -160,7 +160,7 @@ def test_l1_norms_are_exact_sums():
     assert bucket_value(buckets[0, 0]) == want
     kept = keep_mask(job.keys[0], x.numel(), job.threshold)
     assert bucket_value(buckets[0, 1]) == math.fsum(abs(v) for v in x[kept].tolist())
-    assert torch.equal(dispatch.l1_buckets([job], "cpu")[0], buckets)
+    assert torch.equal(dispatch.run("l1_buckets", [job], "cpu")[0], buckets)
 
 
 def test_l1_rescale_keeps_each_task_vectors_l1_norm(clip_tiny):

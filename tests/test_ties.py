@@ -7,7 +7,7 @@ import torch
 import fusedmerge
 from conftest import CPU_BACKENDS, assert_dicts_equal
 from fusedmerge import dispatch
-from fusedmerge.ties import kept_count
+from fusedmerge.methods.ties import kept_count
 
 OPTION_SETS = [
     dict(),
@@ -167,8 +167,7 @@ def test_bad_options_are_named(kwargs, error, match):
 
 def test_a_backend_without_a_ties_kernel(monkeypatch):
     """An explicit choice says so; "auto" hands over to the next backend with a kernel, else the reference."""
-    real = dispatch._import
-    monkeypatch.setattr(dispatch, "_import", lambda name: object() if name == "cpu" else real(name))
+    monkeypatch.setitem(dispatch.KERNELS, "ties", tuple(n for n in dispatch.KERNELS["ties"] if n != "cpu"))
     with pytest.raises(RuntimeError, match="backend 'cpu' has no TIES kernel"):
         fusedmerge.ties(torch.zeros(4), [torch.ones(4)], backend="cpu")
     x = torch.arange(8.0)

@@ -1,7 +1,7 @@
 """Merge configurations: mergekit's YAML schema for the methods fusedmerge implements, plus its own keys.
 
-    merge_method: linear | task_arithmetic | ties | dare_linear | dare_ties | opcm
-    base_model: PATH                     (all but linear)
+    merge_method: NAME                   (fusedmerge.methods.CONFIG_METHODS: `fusedmerge merge --help` lists them)
+    base_model: PATH                     (every method but linear)
     models:                              (in order: OPCM merges them in this order)
       - model: PATH
         parameters: {weight: 1.0, density: 0.5}
@@ -10,11 +10,9 @@
     seed: 0                              (fusedmerge: DARE masks are keyed by seed and tensor name)
     fusedmerge: {shard_size: 2GB}        (fusedmerge's own options)
 
-mergekit's conventions hold: `density` is the kept fraction, `weight` multiplies each task vector (before the
-TIES vote), `normalize` divides by the summed weights (default true for linear and ties, false otherwise),
-`lambda` scales the merged task vector, dare_linear's `rescale: true` keeps each tensor's L1 norm; TIES takes
-a density per model, DARE one for all.
-Anything else (unknown keys, per-tensor parameter lists, other methods) is refused, never ignored.
+Which keys a method takes, per model and globally, their kinds and defaults are declared by the method's
+module (ConfigMethod); mergekit's conventions hold for mergekit's methods. Anything else (unknown keys,
+per-tensor parameter lists, other methods) is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -26,34 +24,32 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "opcm")
+from ..methods import CONFIG_METHODS, ConfigMethod, GroupCall
+from ..options import ConfigError
+
+METHODS = tuple(CONFIG_METHODS)
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "fusedmerge"}
-MODEL_PARAMS = {"linear": {"weight"}, "task_arithmetic": {"weight"}, "ties": {"weight", "density"},
-                "dare_linear": {"weight", "density"}, "dare_ties": {"weight", "density"}, "opcm": set()}
-BOOL_PARAMS = ("normalize", "rescale", "int8_mask", "skip_nonleaf")
-GLOBAL_PARAMS = {
-    "linear": {"normalize"},
-    "task_arithmetic": {"lambda", "normalize"},
-    "ties": {"lambda", "normalize", "int8_mask"},
-    "dare_linear": {"lambda", "normalize", "rescale", "int8_mask"},
-    "dare_ties": {"lambda", "normalize", "rescale", "int8_mask"},
-    "opcm": {"alpha", "variant", "skip_nonleaf"},
-}
-NORMALIZE_DEFAULT = {"linear": True, "ties": True}
 FUSEDMERGE_KEYS = {"shard_size"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-class ConfigError(ValueError):
-    """A merge configuration fusedmerge cannot carry out as written."""
+def describe_methods() -> str:
+    """The methods a configuration may name, with their keys (for --help)."""
+    lines = []
+    for c in CONFIG_METHODS.values():
+        peer = f"mergekit's {c.name}" if c.peer == "mergekit" else "fusedmerge's own"
+        keys = ", ".join(f"{k}={p.default}" for k, p in c.model_params.items()) or "none"
+        glob = ", ".join(f"{k}={p.default}" for k, p in c.global_params.items()) or "none"
+        lines.append(f"{c.name} ({peer}{'' if c.needs_base else ', no base_model'}): {c.doc}; "
+                     f"per model: {keys}; parameters: {glob}")
+    return "\n".join(lines)
 
 
 @dataclass
 class ModelSpec:
     path: str
-    weight: float = 1.0
-    density: Optional[float] = None
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,22 +64,18 @@ class MergeConfig:
     text: str = ""
 
     @property
-    def normalize(self) -> bool:
-        return bool(self.params.get("normalize", NORMALIZE_DEFAULT.get(self.method, False)))
+    def spec(self) -> ConfigMethod:
+        return CONFIG_METHODS[self.method]
 
-    @property
-    def densities(self) -> List[float]:
-        """Each model's kept fraction (mergekit's default 1.0 where none is given)."""
-        return [1.0 if m.density is None else m.density for m in self.models]
+    def param(self, key: str):
+        """A global parameter, or the method's default for it."""
+        return self.params.get(key, self.spec.global_params[key].default)
 
-    @property
-    def density(self) -> float:
-        """The one kept fraction of a DARE merge, whose masks take one drop probability for every model."""
-        values = sorted(set(self.densities))
-        if len(values) > 1:
-            raise ConfigError(f"{self.method}: per-model densities differ ({values}); fusedmerge's DARE takes one "
-                              "density for every model (TIES takes one per model)")
-        return values[0]
+    def group_call(self, base, models, backend: str = "auto", name: str = "tensor") -> GroupCall:
+        """One group of tensors to merge as this configuration says (see ConfigMethod.merge)."""
+        weights = [m.params.get("weight", 1.0) for m in self.models]
+        densities = [m.params.get("density") for m in self.models]
+        return GroupCall(base, models, weights, densities, self.params, self.seed, self.out_dtype, backend, name)
 
 
 def parse_size(text) -> int:
@@ -103,14 +95,6 @@ def parse_size(text) -> int:
     if scale is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"cannot read the size {text!r}; write e.g. 512MB, 2GB or 1.5GiB")
     return int(value * scale)
-
-
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what} must be a number, got {value!r} (per-tensor parameter lists are not supported)")
-    if not math.isfinite(value):
-        raise ConfigError(f"{what} must be finite, got {value}")
-    return float(value)
 
 
 def _unknown(keys, allowed, where: str) -> None:
@@ -136,8 +120,9 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         raise ConfigError("the configuration must be a YAML mapping with merge_method and models")
     _unknown(data, TOP_KEYS, "configuration")
     method = data.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in CONFIG_METHODS:
         raise ConfigError(f"merge_method {method!r} is not supported; fusedmerge implements {list(METHODS)}")
+    spec = CONFIG_METHODS[method]
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models must be a non-empty list of {model: PATH, parameters: {...}}")
@@ -150,38 +135,24 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters must be a mapping")
-        _unknown(params, MODEL_PARAMS[method], f"{where}.parameters for {method}")
-        spec = ModelSpec(_path(item.get("model"), where, root))
-        if "weight" in params:
-            spec.weight = _number(params["weight"], f"{where}.parameters.weight")
-        if "density" in params:
-            spec.density = _number(params["density"], f"{where}.parameters.density")
-            if not 0 < spec.density <= 1:
-                raise ConfigError(f"{where}.parameters.density is the kept fraction and must be in (0, 1], "
-                                  f"got {spec.density}")
-        models.append(spec)
+        _unknown(params, spec.model_params, f"{where}.parameters for {method}")
+        checked = {k: spec.model_params[k].check(v, f"{where}.parameters.{k}") for k, v in params.items()}
+        models.append(ModelSpec(_path(item.get("model"), where, root), checked))
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError("parameters must be a mapping")
-    _unknown(params, GLOBAL_PARAMS[method], f"parameters for {method}")
-    for key in ("lambda", "alpha"):
-        if key in params:
-            params[key] = _number(params[key], f"parameters.{key}")
-    for key in BOOL_PARAMS:
-        if key in params and not isinstance(params[key], bool):
-            raise ConfigError(f"parameters.{key} must be true or false, got {params[key]!r}")
-    if "variant" in params and params["variant"] not in ("fusionbench", "paper"):
-        raise ConfigError(f"parameters.variant must be fusionbench or paper, got {params['variant']!r}")
+    _unknown(params, spec.global_params, f"parameters for {method}")
+    params = {k: spec.global_params[k].check(v, f"parameters.{k}") for k, v in params.items()}
     base = data.get("base_model")
-    if method == "linear":
+    if not spec.needs_base:
         if base is not None:
-            raise ConfigError("linear takes no base_model (mergekit ignores it); list it under models instead")
+            raise ConfigError(f"{method} takes no base_model (mergekit ignores it); list it under models instead")
     elif base is None:
         raise ConfigError(f"{method} needs a base_model")
     cfg = MergeConfig(method, models, _path(base, "base_model", root) if base is not None else None, params, text=text)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
         cfg.out_dtype = DTYPES[dtype]
     seed = data.get("seed", 0)
@@ -194,8 +165,8 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")
     if "shard_size" in own:
         cfg.shard_size = parse_size(own["shard_size"])
-    if method.startswith("dare"):
-        cfg.density  # noqa: B018 — refuse differing per-model densities now, before any work
+    if spec.check is not None:  # refuse what the method cannot carry out now, before any work
+        spec.check([m.params.get("density") for m in models])
     return cfg
 
 

@@ -24,7 +24,6 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from .config import MergeConfig
-from .methods import merge_group
 from .model_dir import ModelDir
 from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
 from .safetensors import CheckpointError
@@ -226,9 +225,10 @@ def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, di
             dtype = torch.promote_types(dtype, d.entry(k)[0]) if dtype.is_floating_point else dtype
         out_dtypes[k] = cfg.out_dtype if (cfg.out_dtype is not None and dtype.is_floating_point) else dtype
     plan = ShardPlan([(k, out_dtypes[k], reference.entry(k)[1]) for k in keys], cfg.shard_size, dist.world)
-    if cfg.method == "opcm":
+    if cfg.spec.whole_model:
         if dist.world > 1:
-            raise ValueError("opcm merges models one after another over the whole model; run it with one process")
+            raise ValueError(f"{cfg.method} merges models one after another over the whole model; run it with one "
+                             "process")
         from .opcm_stream import merge_opcm
         merge_opcm(cfg, base, models, plan, tmp, opts)
     else:
@@ -253,7 +253,7 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
                 sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
                 base_sd = sds[0] if has_base else None
                 model_sds = sds[1:] if has_base else sds
-                merged = merge_group(cfg, base_sd, model_sds, cfg.out_dtype, opts.backend)
+                merged = cfg.spec.merge(cfg.group_call(base_sd, model_sds, opts.backend))
                 del sds, base_sd, model_sds
                 for k in group:
                     writer.write(k, merged.pop(k).to("cpu"))

@@ -19,8 +19,8 @@ def merge_opcm(cfg, base: ModelDir, models: List[ModelDir], plan: ShardPlan, dir
                           f"(~{need / 1e9:.1f} GB for this model), more than the memory budget "
                           f"({opts.memory_budget / 1e9:.1f} GB); raise --memory-budget")
     load = lambda d: {k: d.tensor(k).to(opts.device) for k in keys}  # noqa: E731
-    merger = ContinualMerger(load(base), cfg.params.get("alpha", 0.5), variant=cfg.params.get("variant", "fusionbench"),
-                             skip_nonleaf=bool(cfg.params.get("skip_nonleaf", False)), backend=opts.backend)
+    merger = ContinualMerger(load(base), cfg.param("alpha"), variant=cfg.param("variant"),
+                             skip_nonleaf=cfg.param("skip_nonleaf"), backend=opts.backend)
     for m in models:
         merger.add(load(m))
         m.release(keys)

@@ -114,7 +114,7 @@ def copy_model_files(source: str, directory: str) -> None:
 def write_model_card(directory: str, cfg: MergeConfig, plan: ShardPlan) -> None:
     from .. import __version__
 
-    models = "\n".join(f"- `{m.path}` (weight {m.weight}{f', density {m.density}' if m.density is not None else ''})"
+    models = "\n".join(f"- `{m.path}`" + (f" ({', '.join(f'{k} {v}' for k, v in m.params.items())})" if m.params else "")
                        for m in cfg.models)
     card = (f"---\ntags:\n- merge\n- fusedmerge\n---\n# Merged model\n\n"
             f"Merged with fusedmerge {__version__}, method `{cfg.method}`"

@@ -1,10 +1,12 @@
-"""fusedmerge as mergekit's backend: ``install()`` registers fused implementations of mergekit's ``linear``,
-``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties`` — replacing the built-ins (default) or
-beside them under ``prefix + name`` — so that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml``
-(run in the same process, e.g. ``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
+"""fusedmerge as mergekit's backend: ``install()`` registers a fused implementation of every mergekit method
+that fusedmerge carries out (``fusedmerge.methods.CONFIG_METHODS`` with ``peer="mergekit"``: linear,
+task_arithmetic, ties, dare_linear, dare_ties) — replacing the built-ins (default) or beside them under
+``prefix + name`` — so that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml`` (run in the same
+process, e.g. ``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
 
-mergekit's conventions are kept: weights multiply the deltas before the sign vote, votes tied at zero go to
-+, ``normalize`` divides by the (agreeing) weights, ``lambda`` scales the merged delta, dare_linear's
+Each method's translation of mergekit's parameters is the one its module declares (the same as
+``fusedmerge merge``'s): weights multiply the deltas before the sign vote, votes tied at zero go to +,
+``normalize`` divides by the (agreeing) weights, ``lambda`` scales the merged delta, dare_linear's
 ``rescale`` keeps each tensor's L1 norm, per-model TIES densities. Differences: arithmetic in fp32 (mergekit
 works in the input dtype), ties at the TIES threshold are all kept (mergekit breaks them by sort order), DARE
 masks come from (seed, model position, tensor name) — reproducible across runs and devices, which mergekit's
@@ -15,7 +17,6 @@ Importing this module imports mergekit; ``import fusedmerge`` does not.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Any, Dict, List
 
@@ -25,57 +26,36 @@ from typing_extensions import Annotated
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BatchParameter, ParameterScope, TensorBatch, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
-from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
-from mergekit.sparsify import SparsificationMethod
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
-from .. import dare, task_arithmetic, ties
 from .._forms import Terms, gather, merge_linear
+from ..methods import CONFIG_METHODS, GroupCall
+from ..methods.linear import normalised
 
-GTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+MERGEKIT_METHODS = [c for c in CONFIG_METHODS.values() if c.peer == "mergekit"]
 _ORIGINALS: Dict[str, Any] = {}
 _INSTALLED: set = set()
 
 
-def _one_density(densities: List[float], method: str) -> float:
-    if len(set(densities)) > 1:
-        raise ValueError(f"fused {method}: DARE takes one density for every model, got {densities}")
-    return densities[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class FusedGeneralizedTaskArithmetic(GeneralizedTaskArithmeticMerge):
-    """mergekit's task_arithmetic / ties / dare_linear / dare_ties on fusedmerge's kernels."""
+    """One of mergekit's generalized-task-arithmetic methods (its own parameters and defaults) carried out by
+    the ConfigMethod of the same name."""
 
     seed: int = 0
+    fused: str = ""
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = [e for e in group.entries if not e.is_base]
         if not entries:
             return base
-        xs = [e.tensor for e in entries]
-        w = [float(parameters["weight"][e.id]) for e in entries]
-        densities = [float(parameters["density"][e.id]) for e in entries]
-        lam, name = float(parameters["lambda"]), group.metadata.name or "tensor"
-        total = math.fsum(w)
-        div = total if parameters["normalize"] and abs(total) >= 1e-8 else 1.0
-        random = self.sparsification_method == SparsificationMethod.random
-        common = dict(weights=w, out_dtype=base.dtype)
-        if self.consensus_method is None and self.sparsification_method is None:
-            return task_arithmetic(base, xs, lam / div, **common)
-        if self.consensus_method is None and random:
-            p = 1.0 - _one_density(densities, self.method_name)
-            return dare(base, xs, p, scaling=lam / div, rescale="l1" if parameters["rescale"] else False,
-                        seed=self.seed, name=name, **common)
-        if self.consensus_method == ConsensusMethod.sum and self.sparsification_method in (
-                SparsificationMethod.magnitude, SparsificationMethod.random):
-            merge = "mean" if parameters["normalize"] else "sum"
-            if random:
-                p = 1.0 - _one_density(densities, self.method_name)
-                return ties(base, xs, scaling=lam, merge=merge, dare_p=p, rescale=bool(parameters["rescale"]),
-                            seed=self.seed, name=name, **common)
-            return ties(base, xs, density=densities, scaling=lam, merge=merge, name=name, **common)
-        return super().merge_group(group, **parameters)
+        method = CONFIG_METHODS[self.fused]
+        params = {k: parameters[k] for k in method.global_params if k in parameters}
+        densities = [float(parameters["density"][e.id]) for e in entries] if "density" in method.model_params else []
+        call = GroupCall(base, [e.tensor for e in entries], [float(parameters["weight"][e.id]) for e in entries],
+                         densities, params, self.seed, base.dtype, "auto", group.metadata.name or "tensor")
+        return method.merge(call)
 
 
 def _fused_linear(method_name: str):
@@ -86,12 +66,11 @@ def _fused_linear(method_name: str):
         first = batch.tensors[0]
         if not first.is_floating_point():
             raise TypeError("Linear merging requires floating-point tensors")
-        w = weight.double().cpu()
-        if normalize:
-            w = w / w.sum(dim=1, keepdim=True)
+        w = weight.double().cpu().tolist()
+        coeffs = [normalised(row) if normalize else row for row in w]
         rows = [str(b) for b in range(first.shape[0])]
         forms = gather([{r: t[b] for b, r in enumerate(rows)} for t in batch.tensors])
-        merged = merge_linear(forms, lambda slots: [Terms(w[int(s.key)].tolist()) for s in slots], None,
+        merged = merge_linear(forms, lambda slots: [Terms(coeffs[int(s.key)]) for s in slots], None,
                               first.dtype, "auto")
         return torch.stack([merged[r] for r in rows])
 
@@ -102,14 +81,15 @@ def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> L
     """Register the fused methods; returns their names. `replace=True` puts them under mergekit's own
     names (restore with uninstall()); otherwise beside them as `prefix + name`. `seed` keys the DARE masks."""
     names = []
-    for name in ("linear", *GTA_METHODS):
+    for method in MERGEKIT_METHODS:
+        name = method.name
         target = name if replace else prefix + name
-        if name == "linear":
-            fused = _fused_linear(target)
-        else:
-            original = _ORIGINALS.get(name) or registry.get(name)
+        original = _ORIGINALS.get(name) or registry.get(name)
+        if isinstance(original, GeneralizedTaskArithmeticMerge):
             fields = {f.name: getattr(original, f.name) for f in dataclasses.fields(original)}
-            fused = FusedGeneralizedTaskArithmetic(**{**fields, "method_name": target, "seed": seed})
+            fused = FusedGeneralizedTaskArithmetic(**{**fields, "method_name": target, "seed": seed, "fused": name})
+        else:
+            fused = _fused_linear(target)
         if target in registry._METHODS and target not in _ORIGINALS and target not in _INSTALLED:
             _ORIGINALS[target] = registry._METHODS[target]
         registry._METHODS[target] = fused

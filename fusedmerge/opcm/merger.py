@@ -13,7 +13,6 @@ invariant), and its λ_t recursion reduces to this closed form; reference.py has
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Callable, Collection, Dict, List, Optional, Union
@@ -21,7 +20,8 @@ from typing import Callable, Collection, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .. import dispatch
+from .. import dispatch, options
+from .._forms import module_with_state
 from ..reference import CombineJob
 from .projection import check_alpha, check_variant, project
 
@@ -175,7 +175,7 @@ class ContinualMerger:
         del taus
         jobs = [CombineJob(self._sum[k], [self._sum[k], p], [1.0, 1.0]) for k, p in zip(self._projected, projected)]
         jobs += [CombineJob(self._sum[k], [sd[k], self._base[k], self._sum[k]], [1.0, -1.0, 1.0]) for k in self._others]
-        dispatch.combine(jobs, self.backend)
+        dispatch.run("combine", jobs, self.backend)
         self._norms.append(norm)
         mean = math.fsum(self._norms) / len(self._norms)
         total = _norm(self._sum.values())
@@ -190,8 +190,7 @@ class ContinualMerger:
         class when the base was a module. Dtypes are the base's unless `out_dtype` is given."""
         if not self._norms:
             raise RuntimeError("no model has been added yet: call add() first")
-        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-            raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+        options.out_dtype(out_dtype)
         out: StateDict = {}
         jobs = []
         for key, b in self._base.items():
@@ -201,12 +200,8 @@ class ContinualMerger:
             out[key] = torch.empty(b.shape, dtype=out_dtype or b.dtype, device=b.device)
             coeff = 1.0 if key in self._frozen else self._scale
             jobs.append(CombineJob(out[key], [b, self._sum[key]], [1.0, coeff]))
-        dispatch.combine(jobs, self.backend)
-        if self._module is None:
-            return out
-        module = copy.deepcopy(self._module)
-        module.load_state_dict(out, assign=True)
-        return module
+        dispatch.run("combine", jobs, self.backend)
+        return out if self._module is None else module_with_state(self._module, out)
 
 
 def continual_merge(base, models, alpha: float = 0.5, **options):

@@ -1,0 +1,25 @@
+"""The merge methods, one module each, and the registry that lists them.
+
+A module holds a method's public function, its frozen options, the pointer to its reference, the kernel
+primitives it runs on and its peers' conventions (``Method`` in _spec.py). The CLI's configuration checks
+and help, the mergekit plugin, the FusionBench classes, the torch custom ops and the generic backend test
+are generated from ``METHODS``; adding a method is its module, one line here, its test and README.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from .dare import DARE
+from .linear import AVERAGE, WEIGHTED_SUM
+from .opcm import OPCM
+from .task_arithmetic import TASK_ARITHMETIC
+from .ties import TIES
+
+METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, OPCM)}
+CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
+FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
+
+__all__ = ["METHODS", "CONFIG_METHODS", "FUSIONBENCH_ALGORITHMS", "Method", "ConfigMethod", "FusionBenchAlgorithm",
+           "GroupCall", "Param", "REQUIRED"]
