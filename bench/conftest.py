@@ -8,8 +8,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fusedmerge import backends  # noqa: E402
 from workloads import DEVICE  # noqa: E402
+
+from fusedmerge import backends  # noqa: E402
 
 
 def _cpu_name() -> str:

@@ -10,9 +10,9 @@ import logging
 
 import pytest
 import torch
+from workloads import models, peak_extra_memory
 
 from fusedmerge.synthetic import CLIP_VIT
-from workloads import models, peak_extra_memory
 
 fb = pytest.importorskip("fusion_bench")
 transformers = pytest.importorskip("transformers")

@@ -7,9 +7,9 @@ the same number of bytes: the bandwidth limit the report compares with.
 
 import pytest
 import torch
+from workloads import DEVICE, memory_budget, models
 
 import fusedmerge
-from workloads import DEVICE, memory_budget, models
 from fusedmerge.perf import CopyLimit, merge_bytes, sync
 
 FUSED = [n for n, s in fusedmerge.backends().items() if s.available and DEVICE.type in s.devices

@@ -8,11 +8,11 @@ the step, is timed on fewer steps to keep the run short. Issue target: ≥ 5× o
 """
 
 import pytest
+from workloads import DEVICE, peak_extra_memory
 
 from fusedmerge.opcm import ContinualMerger, looks_linear, opcm_reference
 from fusedmerge.perf import sync
 from fusedmerge.synthetic import clip_vit_base, clip_vit_finetuned
-from workloads import DEVICE, peak_extra_memory
 
 TASKS = 8
 REFERENCE_STEPS = {"B/32": 3, "L/14": 2}

@@ -6,14 +6,17 @@ on this CPU). FusionBench's own ties_merging runs when fusion-bench is installed
 
 import pytest
 import torch
+from workloads import DEVICE, models, peak_extra_memory
 
 import fusedmerge
 from fusedmerge.perf import sync
-from workloads import DEVICE, models, peak_extra_memory
 
 try:
-    from fusion_bench.method.ties_merging.ties_merging_utils import (state_dict_to_vector, ties_merging,
-                                                                     vector_to_state_dict)
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        state_dict_to_vector,
+        ties_merging,
+        vector_to_state_dict,
+    )
 except ImportError:
     ties_merging = None
 

@@ -1,11 +1,11 @@
 """fusedmerge: fused multi-tensor kernels for model merging."""
 
+from . import torch_ops  # noqa: F401 — registers torch.ops.fusedmerge.*
 from .dispatch import BackendStatus, backends
 from .methods.dare import dare
 from .methods.linear import average, weighted_sum
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
-from . import torch_ops  # noqa: E402,F401 — registers torch.ops.fusedmerge.*
 
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "backends", "BackendStatus", "__version__"]

@@ -2,9 +2,9 @@
 
 import importlib.util
 
-import fusedmerge
 import pytest
 
+import fusedmerge
 from conftest import STATUS
 
 
@@ -67,6 +67,7 @@ def test_every_cpu_variant_equals_the_reference(isa, tmp_path):
     import os
     import subprocess
     import sys
+
     from fusedmerge import _cpu
 
     supported = {"baseline": ["baseline"], "avx2": ["baseline", "avx2"], "avx512": ["baseline", "avx2", "avx512"]}

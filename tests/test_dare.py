@@ -148,8 +148,8 @@ def test_l1_rescale_equals_reference(clip_tiny, backend):
 
 
 def test_l1_norms_are_exact_sums():
-    from fusedmerge.reference import CombineJob, bucket_value, l1_buckets_reference
     from fusedmerge import dispatch
+    from fusedmerge.reference import CombineJob, bucket_value, l1_buckets_reference
 
     g = torch.Generator().manual_seed(4)
     x = torch.cat([torch.randn(5000, generator=g) * 10.0 ** e for e in range(-30, 30, 3)])

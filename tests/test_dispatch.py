@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fusedmerge
-from fusedmerge import dispatch
 from conftest import STATUS
+from fusedmerge import dispatch
 
 
 def test_auto_picks_the_cpp_backend_for_cpu_tensors(monkeypatch):

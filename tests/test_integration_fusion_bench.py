@@ -16,8 +16,12 @@ import torch
 fb = pytest.importorskip("fusion_bench")
 transformers = pytest.importorskip("transformers")
 
-from fusion_bench.method import (SimpleAverageAlgorithm, TaskArithmeticAlgorithm,  # noqa: E402
-                                 TiesMergingAlgorithm, WeightedAverageAlgorithm)
+from fusion_bench.method import (  # noqa: E402
+    SimpleAverageAlgorithm,
+    TaskArithmeticAlgorithm,
+    TiesMergingAlgorithm,
+    WeightedAverageAlgorithm,
+)
 from fusion_bench.method.dare import DareTaskArithmetic, DareTiesMerging  # noqa: E402
 
 from conftest import tiny_clip_modules  # noqa: E402

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, requires_gpu, same_bits, tiny_clip_modules
-from fusedmerge.opcm import (ContinualMerger, factor, linear_weights, looks_linear, opcm_reference, project,
-                             project_reference, split_rank)
+from fusedmerge.opcm import (
+    ContinualMerger,
+    factor,
+    linear_weights,
+    looks_linear,
+    opcm_reference,
+    project,
+    project_reference,
+    split_rank,
+)
 from fusedmerge.opcm.merger import nonleaf_params
 from fusedmerge.synthetic import clip_vit_models
 

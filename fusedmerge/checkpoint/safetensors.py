@@ -62,7 +62,8 @@ def read_header(path: str) -> Tuple[Dict[str, Entry], Dict[str, str]]:
                 raise CheckpointError(f"{path}: truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: header size {n} does not fit the file ({size} bytes): truncated or not safetensors")
+                raise CheckpointError(f"{path}: header size {n} does not fit the file ({size} bytes): "
+                                      "truncated or not safetensors")
             raw = json.loads(f.read(n))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e

@@ -26,9 +26,8 @@ import inspect
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from fusion_bench import BaseAlgorithm, BaseModelPool
+from torch import nn
 
 from .._forms import module_with_state
 from ..methods import FUSIONBENCH_ALGORITHMS, REQUIRED, FusionBenchAlgorithm

@@ -21,12 +21,11 @@ import sys
 from typing import Any, Dict, List
 
 import torch
-from typing_extensions import Annotated
-
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BatchParameter, ParameterScope, TensorBatch, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+from typing_extensions import Annotated
 
 from .._forms import Terms, gather, merge_linear
 from ..methods import CONFIG_METHODS, GroupCall

@@ -19,9 +19,8 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import dispatch
+from .. import dispatch, reference
 from .. import options as opt
-from .. import reference
 from .._forms import Slot, Terms, gather, gather_like, merge_linear
 from ..opcm import linear_weights
 from ..options import ConfigError

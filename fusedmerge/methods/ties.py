@@ -26,9 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import dispatch
+from .. import dispatch, reference
 from .. import options as opt
-from .. import reference
 from .._forms import gather, gather_like, prepare
 from ..philox import drop_threshold, mask_key
 from ..reference import CombineJob, TiesSpec
@@ -181,8 +180,8 @@ def _fb_ties(algo, pool):
 def _fb_dare_ties(algo, pool):
     """Drop and rescale each task vector (model i's mask keyed by its position, as in one fused DARE call),
     then TIES on the dropped vectors: N model copies are held, as FusionBench holds them."""
-    from .dare import dare
     from ..opcm import linear_weights
+    from .dare import dare
 
     pretrained = pool.pretrained()
     models = [m.state_dict() for m in pool.finetuned()]
