@@ -37,7 +37,7 @@ CASES = [pytest.param(name, i, id=f"{name}-{i}") for name, m in METHODS.items() 
 def test_every_method_on_every_backend_equals_its_reference(name, case, dtype, backend, monkeypatch):
     method = METHODS[name]
     options = dict(method.grid[case])
-    base, models = _models(dtype)
+    base, models = _models(dtype, n=method.n_inputs or 3)
     imported = []
     real = dispatch._import
     monkeypatch.setattr(dispatch, "_import", lambda n: imported.append(n) or real(n))
@@ -105,7 +105,7 @@ def test_custom_ops_have_every_declared_parameter():
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if op_parameters(m.options)])
 def test_custom_ops_equal_the_functions_on_the_whole_grid(name):
     m = METHODS[name]
-    base, models = _models(torch.float32)
+    base, models = _models(torch.float32, n=m.n_inputs or 3)
     op = getattr(torch.ops.fusedmerge, name)
     for options in m.grid:
         for key in ("enc.0.fc.weight", "odd"):

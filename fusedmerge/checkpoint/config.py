@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..methods import CONFIG_METHODS, ConfigMethod, GroupCall
+from ..methods import CONFIG_METHODS, REQUIRED, ConfigMethod, GroupCall
 from ..options import ConfigError
 
 METHODS = tuple(CONFIG_METHODS)
@@ -39,8 +39,9 @@ def describe_methods() -> str:
     lines = []
     for c in CONFIG_METHODS.values():
         peer = f"mergekit's {c.name}" if c.peer == "mergekit" else "fusedmerge's own"
-        keys = ", ".join(f"{k}={p.default}" for k, p in c.model_params.items()) or "none"
-        glob = ", ".join(f"{k}={p.default}" for k, p in c.global_params.items()) or "none"
+        show = lambda k, p: f"{k} (required)" if p.default is REQUIRED else f"{k}={p.default}"  # noqa: E731
+        keys = ", ".join(show(k, p) for k, p in c.model_params.items()) or "none"
+        glob = ", ".join(show(k, p) for k, p in c.global_params.items()) or "none"
         lines.append(f"{c.name} ({peer}{'' if c.needs_base else ', no base_model'}): {c.doc}; "
                      f"per model: {keys}; parameters: {glob}")
     return "\n".join(lines)
@@ -143,13 +144,20 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         raise ConfigError("parameters must be a mapping")
     _unknown(params, spec.global_params, f"parameters for {method}")
     params = {k: spec.global_params[k].check(v, f"parameters.{k}") for k, v in params.items()}
+    missing = [k for k, p in spec.global_params.items() if p.default is REQUIRED and k not in params]
+    if missing:
+        raise ConfigError(f"{method} needs parameters.{missing[0]}")
     base = data.get("base_model")
     if not spec.needs_base:
         if base is not None:
             raise ConfigError(f"{method} takes no base_model (mergekit ignores it); list it under models instead")
     elif base is None:
         raise ConfigError(f"{method} needs a base_model")
-    cfg = MergeConfig(method, models, _path(base, "base_model", root) if base is not None else None, params, text=text)
+    base = _path(base, "base_model", root) if base is not None else None
+    models = [m for m in models if m.path != base]  # mergekit: the base listed among the models is the base
+    if not models:
+        raise ConfigError("models lists no model besides the base_model")
+    cfg = MergeConfig(method, models, base, params, text=text)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -166,7 +174,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     if "shard_size" in own:
         cfg.shard_size = parse_size(own["shard_size"])
     if spec.check is not None:  # refuse what the method cannot carry out now, before any work
-        spec.check([m.params.get("density") for m in models])
+        spec.check([m.params for m in models])
     return cfg
 
 

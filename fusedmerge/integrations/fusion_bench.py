@@ -10,6 +10,7 @@ FusionBench's own, usable through ``_target_`` in a method YAML or directly with
     FusedDareTaskArithmetic(scaling_factor, sparsity_ratio, only_on_linear_weights, rescale=True)
     FusedTiesMerging(scaling_factor, threshold, remove_keys, merge_func)  TiesMergingAlgorithm
     FusedDareTies(sparsity_ratio, only_on_linear_weights, rescale, scaling_factor, threshold, remove_keys, merge_func)
+    FusedSlerpMerge(t, DOT_THRESHOLD=0.9995, epsilon=1e-8)                SlerpMergeAlgorithm
     FusedOPCM(alpha, shuffle_order=True, seed=None, save_on_every_step=True, evaluate_on_every_step=False)
 
 Every class also takes ``backend`` (fusedmerge's), the DARE ones ``seed`` (masks keyed by seed, model
@@ -40,7 +41,8 @@ class Pool:
 
     def __init__(self, modelpool):
         self.pool = modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
-        self.names = list(self.pool.model_names)
+        self.names = list(self.pool.model_names)  # the fine-tuned models
+        self.all_names = list(self.pool.all_model_names)  # with _pretrained_ where the pool has it
 
     def pretrained(self) -> nn.Module:
         return self.pool.load_model("_pretrained_")

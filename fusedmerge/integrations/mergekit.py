@@ -22,14 +22,10 @@ from typing import Any, Dict, List
 
 import torch
 from mergekit.merge_methods import registry
-from mergekit.merge_methods.base import BatchParameter, ParameterScope, TensorBatch, TensorGroup
-from mergekit.merge_methods.easy_define import merge_method
+from mergekit.merge_methods.base import BatchedMergeMethod, TensorBatch, TensorGroup
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
-from typing_extensions import Annotated
 
-from .._forms import Terms, gather, merge_linear
 from ..methods import CONFIG_METHODS, GroupCall
-from ..methods.linear import normalised
 
 MERGEKIT_METHODS = [c for c in CONFIG_METHODS.values() if c.peer == "mergekit"]
 _ORIGINALS: Dict[str, Any] = {}
@@ -57,23 +53,13 @@ class FusedGeneralizedTaskArithmetic(GeneralizedTaskArithmeticMerge):
         return method.merge(call)
 
 
-def _fused_linear(method_name: str):
-    @merge_method(name=method_name, pretty_name="Linear (fusedmerge)", reference_url="https://arxiv.org/abs/2203.05482")
-    def fused_linear(batch: TensorBatch,
-                     weight: Annotated[torch.Tensor, BatchParameter(float, ParameterScope.INPUT)],
-                     normalize: bool = True) -> torch.Tensor:
-        first = batch.tensors[0]
-        if not first.is_floating_point():
-            raise TypeError("Linear merging requires floating-point tensors")
-        w = weight.double().cpu().tolist()
-        coeffs = [normalised(row) if normalize else row for row in w]
-        rows = [str(b) for b in range(first.shape[0])]
-        forms = gather([{r: t[b] for b, r in enumerate(rows)} for t in batch.tensors])
-        merged = merge_linear(forms, lambda slots: [Terms(coeffs[int(s.key)]) for s in slots], None,
-                              first.dtype, "auto")
-        return torch.stack([merged[r] for r in rows])
+def _fused_batched(original: BatchedMergeMethod, target: str, method) -> BatchedMergeMethod:
+    """mergekit's batched method (its parameters, contract and policies) carried out by `method.batch`."""
 
-    return fused_linear
+    def fused(batch: TensorBatch, **parameters: Any) -> torch.Tensor:
+        return method.batch(batch.tensors, batch.base_index, parameters)
+
+    return BatchedMergeMethod(dataclasses.replace(original.spec, name=target), fused)
 
 
 def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> List[str]:
@@ -87,8 +73,10 @@ def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> L
         if isinstance(original, GeneralizedTaskArithmeticMerge):
             fields = {f.name: getattr(original, f.name) for f in dataclasses.fields(original)}
             fused = FusedGeneralizedTaskArithmetic(**{**fields, "method_name": target, "seed": seed, "fused": name})
+        elif isinstance(original, BatchedMergeMethod) and method.batch is not None:
+            fused = _fused_batched(original, target, method)
         else:
-            fused = _fused_linear(target)
+            raise TypeError(f"mergekit's {name} is a {type(original).__name__}; fusedmerge has no adapter for it")
         if target in registry._METHODS and target not in _ORIGINALS and target not in _INSTALLED:
             _ORIGINALS[target] = registry._METHODS[target]
         registry._METHODS[target] = fused

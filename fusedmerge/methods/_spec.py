@@ -19,7 +19,8 @@ REQUIRED = object()  # a constructor argument without a default
 
 @dataclass(frozen=True)
 class Param:
-    """One key of a merge configuration: its kind ("number", "bool", "fraction" in (0, 1], "choice")."""
+    """One key of a merge configuration: its kind ("number", "bool", "fraction" in (0, 1], "choice") and
+    default (REQUIRED: the configuration must give it)."""
 
     kind: str
     default: Any = None
@@ -60,7 +61,10 @@ class GroupCall:
     name: str = "tensor"
 
     def param(self, key: str, method: "ConfigMethod"):
-        return self.params.get(key, method.global_params[key].default)
+        value = self.params.get(key, method.global_params[key].default)
+        if value is REQUIRED:
+            raise ConfigError(f"{method.name} needs parameters.{key}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,10 @@ class ConfigMethod:
     """A `merge_method:` of a configuration file. `peer="mergekit"` means mergekit has a method of this name
     with these keys, which fusedmerge carries out with mergekit's conventions (and the mergekit plugin
     registers); `peer=None` is fusedmerge's own. `merge` maps one group onto the Python API;
-    `whole_model` methods (OPCM) see the whole model at once instead and have `merge` None."""
+    `whole_model` methods (OPCM) see the whole model at once instead and have `merge` None. `check` refuses,
+    when the configuration is read, what the method cannot carry out (it gets each non-base model's
+    parameters). `batch` is the mergekit plugin's entry for mergekit's batched methods (linear, slerp):
+    (tensors shaped [rows, ...], base index, mergekit's parameters) -> merged rows."""
 
     name: str
     peer: Optional[str]
@@ -76,7 +83,8 @@ class ConfigMethod:
     model_params: Mapping[str, Param]
     global_params: Mapping[str, Param]
     merge: Optional[Callable[[GroupCall], StateDict]] = None
-    check: Optional[Callable[[List[Optional[float]]], None]] = None  # densities, refused at parse time
+    check: Optional[Callable[[List[Mapping[str, Any]]], None]] = None
+    batch: Optional[Callable[[Sequence[torch.Tensor], Optional[int], Mapping[str, Any]], torch.Tensor]] = None
     whole_model: bool = False
     doc: str = ""
 
@@ -103,6 +111,7 @@ class Method:
     reference:  the plain-torch function that defines its result (backend="torch" runs it)
     primitives: the kernel primitives it launches (fusedmerge.dispatch.PRIMITIVES)
     takes_base: the function's first argument is the base model
+    n_inputs:   how many inputs it takes (None: any number)
     op_extras:  custom-op parameters beyond the options' own, as (name, annotation, default), and
     op_call:    how the op's arguments map onto `function` (None: passed through by name)
     grid:       option sets the generic backend test runs (small; every backend against the reference)
@@ -114,6 +123,7 @@ class Method:
     reference: Callable
     primitives: Tuple[str, ...]
     takes_base: bool = True
+    n_inputs: Optional[int] = None
     config: Tuple[ConfigMethod, ...] = ()
     fusionbench: Tuple[FusionBenchAlgorithm, ...] = ()
     op_extras: Tuple[Tuple[str, Any, Any], ...] = ()

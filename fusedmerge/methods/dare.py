@@ -135,7 +135,7 @@ def _mergekit_dare_linear(call: GroupCall):
 MERGEKIT_DARE_LINEAR = ConfigMethod(
     "dare_linear", "mergekit", needs_base=True, model_params=DARE_MODEL_PARAMS,
     global_params={**GTA_PARAMS, "rescale": Param("bool", True, doc="keep each tensor's L1 norm")},
-    merge=_mergekit_dare_linear, check=lambda densities: one_density(densities, "dare_linear"),
+    merge=_mergekit_dare_linear, check=lambda models: one_density([m.get("density") for m in models], "dare_linear"),
     doc="θ0 + λ·Σ wᵢ·rᵢ·keepᵢ⊙τᵢ, keep = density")
 
 

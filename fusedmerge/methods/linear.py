@@ -18,7 +18,7 @@ import torch
 
 from .. import options as opt
 from .. import reference
-from .._forms import gather, gather_like, merge_linear
+from .._forms import Terms, gather, gather_like, merge_linear
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 
@@ -74,10 +74,23 @@ def _mergekit_linear(call: GroupCall):
     return weighted_sum(call.models, w, out_dtype=call.out_dtype, backend=call.backend)
 
 
+def _mergekit_linear_batch(tensors: Sequence[torch.Tensor], base_index, params) -> torch.Tensor:
+    """mergekit's batched linear: rows of one shape, weights [rows, N], one fused launch for all rows."""
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise TypeError("Linear merging requires floating-point tensors")
+    w = params["weight"].double().cpu().tolist()
+    coeffs = [normalised(row) if params.get("normalize", True) else row for row in w]
+    rows = [str(b) for b in range(first.shape[0])]
+    forms = gather([{r: t[b] for b, r in enumerate(rows)} for t in tensors])
+    merged = merge_linear(forms, lambda slots: [Terms(coeffs[int(s.key)]) for s in slots], None, first.dtype, "auto")
+    return torch.stack([merged[r] for r in rows])
+
+
 MERGEKIT_LINEAR = ConfigMethod(
     "linear", "mergekit", needs_base=False, model_params={"weight": Param("number", 1.0, doc="wᵢ")},
     global_params={"normalize": Param("bool", True, doc="divide by Σ wᵢ")}, merge=_mergekit_linear,
-    doc="Σ wᵢ·θᵢ / Σ wᵢ")
+    batch=_mergekit_linear_batch, doc="Σ wᵢ·θᵢ / Σ wᵢ")
 
 
 def _fb_simple_average(algo, pool):

@@ -151,7 +151,7 @@ MERGEKIT_DARE_TIES = ConfigMethod(
     "dare_ties", "mergekit", needs_base=True, model_params=DARE_MODEL_PARAMS,
     global_params={**GTA_PARAMS, "rescale": Param("bool", True, doc="kept deltas × 1/density")},
     merge=lambda call: _mergekit_ties(call, MERGEKIT_DARE_TIES, random=True),
-    check=lambda densities: one_density(densities, "dare_ties"),
+    check=lambda models: one_density([m.get("density") for m in models], "dare_ties"),
     doc="TIES with DARE's random keep instead of the trim, rescaled by 1/density")
 
 

@@ -1,0 +1,167 @@
+"""SLERP: spherical linear interpolation of two models, tensor by tensor (each flattened to one vector).
+
+    per tensor: â = a/‖a‖, b̂ = b/‖b‖ (a norm ≤ eps is left at 1), d = ⟨â, b̂⟩
+                |d| > dot_threshold:  cₐ = 1 − t,  c_b = t                       (lerp)
+                otherwise:            θ = acos(d), cₐ = sin((1−t)θ)/sin θ, c_b = sin(tθ)/sin θ
+    out = cₐ·a + c_b·b
+
+a is the base (t = 0 gives it), b the one other model. The per-tensor coefficients are computed exactly as
+the peer named by ``variant`` computes them (the same torch operations on the tensors' device, so the same
+bits): ``"mergekit"`` (mergekit 0.1.5 slerp.py: norms of chunk norms, dot of normalised chunks clamped to
+[−1, 1], in fp32, fp64 for fp64 inputs) or ``"fusionbench"`` (FusionBench slerp_utils.slerp: fp32 norm,
+unclamped dot, θ₀ − θ₀t). The elementwise step cₐ·a + c_b·b is the fused linear combination
+(reference.combine_reference), so with the peers' coefficients the result equals theirs bit for bit: both
+compute it in fp32 (fp64) without FMA and round once to the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .. import options as opt
+from .. import reference
+from .._forms import Forms, Terms, gather, gather_like, merge_linear
+from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+
+VARIANTS = ("mergekit", "fusionbench")
+MERGEKIT_CHUNK = 1 << 20  # mergekit's _CHUNK_ELEMENTS: its norms and dot are summed chunk by chunk
+
+
+@dataclass(frozen=True)
+class SlerpOptions:
+    t: float = opt.option(op=float)
+    variant: str = opt.option("mergekit", op=str)
+    dot_threshold: float = opt.option(0.9995, op=float)
+    eps: float = opt.option(1e-8, op=float)
+    name: str = opt.option("tensor", op=str)
+    out_dtype: Optional[torch.dtype] = opt.option(None, op=Optional[torch.dtype])
+
+    def __post_init__(self):
+        opt.canonical(self, t=opt.real(self.t, "t"), variant=opt.choice(self.variant, "variant", VARIANTS),
+                      dot_threshold=opt.real(self.dot_threshold, "dot_threshold"), eps=opt.real(self.eps, "eps"),
+                      name=opt.text(self.name, "name"), out_dtype=opt.out_dtype(self.out_dtype))
+
+
+def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, threshold: float = 0.9995,
+                          eps: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cₐ, c_b) per row of a, b [rows, n] and t [rows], as mergekit 0.1.5's slerp() computes them."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    t = t.reshape(-1, 1).to(dtype)
+    if not a.shape[1]:
+        return 1 - t, t
+    chunk = max(1, MERGEKIT_CHUNK // a.shape[0])
+    spans = [(s, s + chunk) for s in range(0, a.shape[1], chunk)]
+    norm = lambda x: torch.linalg.vector_norm(  # noqa: E731
+        torch.stack([torch.linalg.vector_norm(x[:, i:j].to(dtype), dim=1, keepdim=True) for i, j in spans]), dim=0)
+    norm_a, norm_b = norm(a), norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([((a[:, i:j].to(dtype) / norm_a) * (b[:, i:j].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+                       for i, j in spans]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
+            torch.where(linear, t, torch.sin(t * theta) / sin_theta))
+
+
+def fusionbench_coefficients(a: torch.Tensor, b: torch.Tensor, t: float, threshold: float = 0.9995,
+                             eps: float = 1e-8) -> Tuple[float, float]:
+    """(s₀, s₁) as FusionBench 0.2.33's slerp_utils.slerp computes them (inputs other than fp32/fp64 in fp32)."""
+    if a.dtype not in (torch.float32, torch.float64):
+        a, b = a.float(), b.float()
+    unit = lambda v: v / n if (n := torch.linalg.norm(v)) > eps else v  # noqa: E731
+    dot = torch.sum(unit(a) * unit(b))
+    if torch.abs(dot) > threshold:
+        return 1 - t, t
+    theta_0 = torch.arccos(dot)
+    sin_theta_0 = torch.sin(theta_0)
+    theta_t = theta_0 * t
+    return float(torch.sin(theta_0 - theta_t) / sin_theta_0), float(torch.sin(theta_t) / sin_theta_0)
+
+
+def coefficients(a: torch.Tensor, b: torch.Tensor, o: SlerpOptions) -> Tuple[float, float]:
+    """The two coefficients of one tensor pair under the options' variant."""
+    if o.variant == "fusionbench":
+        return fusionbench_coefficients(a, b, o.t, o.dot_threshold, o.eps)
+    t = torch.tensor([o.t], dtype=torch.float64)
+    ca, cb = mergekit_coefficients(a.reshape(1, -1), b.reshape(1, -1), t, o.dot_threshold, o.eps)
+    return float(ca), float(cb)
+
+
+@torch.no_grad()
+def slerp(base, inputs, t: float, *, variant: str = "mergekit", dot_threshold: float = 0.9995, eps: float = 1e-8,
+          name: str = "tensor", out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+    """SLERP from `base` (t = 0) to the one model of `inputs` (t = 1), tensor by tensor, over tensors, state
+    dicts or modules (the forms of `average`); see the module docstring. Integer buffers are taken when
+    both models agree."""
+    o = SlerpOptions(t, variant, dot_threshold, eps, name, out_dtype)
+    forms = gather(inputs, name=o.name)
+    if len(forms.dicts) != 1:
+        raise ValueError(f"slerp interpolates between base and exactly one model; inputs has {len(forms.dicts)}")
+    base_dict = gather_like(base, forms, "base")
+    pair = Forms(forms.kind, [base_dict, forms.dicts[0]], base, forms.name)
+    terms = lambda slots: [Terms(coefficients(s.inputs[0], s.inputs[1], o)) for s in slots]  # noqa: E731
+    return pair.wrap(merge_linear(pair, terms, None, o.out_dtype, backend))
+
+
+# --- peers --------------------------------------------------------------------------------------------------
+
+
+def _mergekit_slerp(call: GroupCall):
+    if len(call.models) != 1:
+        raise ValueError(f"slerp needs the base and exactly one other model, got {len(call.models)} others")
+    return slerp(call.base, call.models, call.param("t", MERGEKIT_SLERP), out_dtype=call.out_dtype,
+                 backend=call.backend)
+
+
+def _mergekit_slerp_batch(tensors: Sequence[torch.Tensor], base_index, params) -> torch.Tensor:
+    """mergekit's batched slerp: rows of one shape, t per row; one fused launch for all rows."""
+    if not tensors[0].is_floating_point():
+        raise TypeError("SLERP requires floating-point tensors")
+    if base_index is None or len(tensors) != 2:
+        raise ValueError("SLERP requires a base and one other input")
+    a, b = tensors[base_index], tensors[1 - base_index]
+    rows = a.shape[0]
+    ca, cb = mergekit_coefficients(a.reshape(rows, -1), b.reshape(rows, -1), params["t"])
+    keys = [str(r) for r in range(rows)]
+    forms = gather([{k: a[r] for r, k in enumerate(keys)}, {k: b[r] for r, k in enumerate(keys)}])
+    merged = merge_linear(forms, lambda slots: [Terms([float(ca[int(s.key)]), float(cb[int(s.key)])]) for s in slots],
+                          None, a.dtype, "auto")
+    return torch.stack([merged[k] for k in keys])
+
+
+def _check_pair(models) -> None:
+    if len(models) != 1:
+        raise opt.ConfigError(f"slerp merges base_model and exactly one other model; models lists {len(models)} "
+                              "besides the base")
+
+
+MERGEKIT_SLERP = ConfigMethod(
+    "slerp", "mergekit", needs_base=True, model_params={},
+    global_params={"t": Param("number", REQUIRED, doc="0 gives base_model, 1 the other model")},
+    merge=_mergekit_slerp, check=_check_pair, batch=_mergekit_slerp_batch,
+    doc="spherical interpolation from base_model to the other model, per tensor")
+
+
+def _fb_slerp(algo, pool):
+    names = pool.all_names
+    if len(names) != 2:
+        raise ValueError(f"Slerp expect exactly 2 models, got {len(names)}")
+    primary, secondary = pool.load(names[0]), pool.load(names[1])
+    return slerp(primary, [secondary], algo.t, variant="fusionbench", dot_threshold=algo.DOT_THRESHOLD,
+                 eps=algo.epsilon, backend=algo.backend)
+
+
+SLERP = Method(
+    "slerp", slerp, SlerpOptions, reference.combine, ("combine",), n_inputs=1,
+    config=(MERGEKIT_SLERP,),
+    fusionbench=(FusionBenchAlgorithm("FusedSlerpMerge", "SlerpMergeAlgorithm",
+                                      (("t", REQUIRED), ("DOT_THRESHOLD", 0.9995), ("epsilon", 1e-8)), _fb_slerp,
+                                      "SLERP of the pool's two models (t = 0: the first). A new module."),),
+    grid=({"t": 0.3}, {"t": 0.7, "variant": "fusionbench"}, {"t": 0.5, "dot_threshold": 0.0},
+          {"t": 1.4, "out_dtype": torch.float32}))
+
