@@ -94,17 +94,19 @@ def gather_like(base, forms: Forms, arg: str) -> StateDict:
     return _as_dict(base, kind, forms.name, arg)
 
 
-def _check_keys(ref: StateDict, others: Sequence[Tuple[str, StateDict]], arg: str) -> None:
+def check_keys(ref: StateDict, others: Sequence[Tuple[str, StateDict]], ref_label: str) -> None:
+    """Every other dict has exactly the keys of `ref`; the error lists (some of) the missing and extra ones."""
     for label, d in others:
         missing = [k for k in ref if k not in d]
         extra = [k for k in d if k not in ref]
         if missing or extra:
-            raise ValueError(f"{label} does not have the keys of {arg}[0]: missing {missing[:8]}"
+            raise ValueError(f"{label} does not have the keys of {ref_label}: missing {missing[:8]}"
                              f"{'...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
                              f"{'...' if len(extra) > 8 else ''}")
 
 
-def _check_key(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+def check_key(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """The tensors of one key agree in shape, device and kind (floating or not); complex is refused."""
     t0 = tensors[0]
     for t, label in zip(tensors[1:], labels[1:]):
         if t.shape != t0.shape:
@@ -180,13 +182,13 @@ def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[St
     options.out_dtype(out_dtype)
     others = [(f"{arg}[{i}]", d) for i, d in enumerate(forms.dicts)][1:]
     others += [(label, d) for label, d in (("base", base), ("out", out)) if d is not None]
-    _check_keys(forms.dicts[0], others, arg)
+    check_keys(forms.dicts[0], others, f"{arg}[0]")
     labels = [f"{arg}[{i}]" for i in range(len(forms.dicts))] + (["base"] if base is not None else [])
     agreed: StateDict = {}
     for key in forms.dicts[0]:
         xs = [d[key] for d in forms.dicts]
         everything = xs + ([base[key]] if base is not None else [])
-        _check_key(key, everything, labels)
+        check_key(key, everything, labels)
         if out is not None:
             _check_out(key, out[key], xs[0], everything, out_dtype)
         if not xs[0].is_floating_point():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import dispatch, options
-from .._forms import module_with_state
+from .._forms import check_key, check_keys, module_with_state
 from ..reference import CombineJob
 from .projection import check_alpha, check_variant, project
 
@@ -139,19 +139,12 @@ class ContinualMerger:
         return list(self._norms)
 
     def _check(self, model: StateDict, arg: str) -> None:
-        missing = [k for k in self._base if k not in model]
-        extra = [k for k in model if k not in self._base]
-        if missing or extra:
-            raise ValueError(f"{arg} does not have the base's keys: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                             f", unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}")
+        check_keys(self._base, [(arg, model)], "the base")
         for key, b in self._base.items():
             t = model[key]
-            if t.shape != b.shape:
-                raise ValueError(f"{arg}: key {key!r} has shape {tuple(t.shape)}, the base {tuple(b.shape)}")
+            check_key(key, [b, t], ["the base", arg])
             if t.dtype != b.dtype:
                 raise TypeError(f"{arg}: key {key!r} is {t.dtype}, the base is {b.dtype}")
-            if t.device != b.device:
-                raise ValueError(f"{arg}: key {key!r} is on {t.device}, the base on {b.device}")
             if not b.is_floating_point() and not torch.equal(t, b):
                 raise ValueError(f"{arg}: key {key!r} ({b.dtype}, not merged) differs from the base's")
 
