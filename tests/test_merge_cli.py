@@ -321,7 +321,7 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: slerp\nmodels: [{model: a}]\n", "not supported"),
+    ("merge_method: ram\nmodels: [{model: a}]\n", "not supported"),  # mergekit has it; fusedmerge not yet
     ("merge_method: dare_ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}, "
      "{model: c, parameters: {density: 0.4}}]\n", "densities differ"),
     ("merge_method: opcm\nbase_model: b\nmodels: [{model: a, parameters: {weight: 2}}]\n", "unsupported key"),
