@@ -37,9 +37,8 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("thresholds"), "k-th largest |x - base| (as float bits) per (scope, model) into thresholds[uint32].");
   m.def(
       "ties_merge",
-      [](uintptr_t table, int64_t n_tensors, int64_t n_inputs, uintptr_t thresholds, bool model_scope,
-         bool elect_count, bool weighted_vote, int64_t merge, double scaling, double drop_rescale,
-         bool majority_tie) {
+      [](uintptr_t table, int64_t n_tensors, int64_t n_inputs, uintptr_t thresholds, bool model_scope, bool elect_count,
+         bool weighted_vote, int64_t merge, double scaling, double drop_rescale, bool majority_tie) {
         py::gil_scoped_release release;
         const auto* t = reinterpret_cast<const int64_t*>(table);
         const auto* thr = reinterpret_cast<const uint32_t*>(thresholds);
@@ -52,9 +51,8 @@ PYBIND11_MODULE(_cpu, m) {
         fm::cpu_ties_merge(t, n_tensors, n_inputs, p, thr, tie_sign);
       },
       py::arg("table"), py::arg("n_tensors"), py::arg("n_inputs"), py::arg("thresholds"), py::arg("model_scope"),
-      py::arg("elect_count"), py::arg("weighted_vote"), py::arg("merge"), py::arg("scaling"),
-      py::arg("drop_rescale"), py::arg("majority_tie"),
-      "TIES merge of the table's rows (csrc/cpu/ties_cpu.cpp).");
+      py::arg("elect_count"), py::arg("weighted_vote"), py::arg("merge"), py::arg("scaling"), py::arg("drop_rescale"),
+      py::arg("majority_tie"), "TIES merge of the table's rows (csrc/cpu/ties_cpu.cpp).");
   m.def("isa", &fm::cpu_isa, "The kernel variant this CPU runs (baseline, avx2, avx512).");
   m.def("max_threads", &omp_get_max_threads, "OpenMP threads the kernels use.");
 }

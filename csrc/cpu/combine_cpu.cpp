@@ -10,6 +10,8 @@
 // in fp32 (fp64 when an input is fp64). Work is split into fixed chunks over all tensors, so mixed
 // shapes balance across threads; each chunk keeps its accumulator in L1 and streams every input once.
 // Short chunks keep the N input streams interleaved finely, which the hardware prefetchers follow best.
+#include "combine_cpu.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -17,7 +19,6 @@
 
 #include "../numerics.h"
 #include "../philox.h"
-#include "combine_cpu.h"
 #include "elementwise.h"
 
 namespace fm {
@@ -49,8 +50,8 @@ void store(void* dst, const Acc* __restrict acc, const Acc* __restrict b, bool h
 }
 
 template <typename Acc, bool HasBase, bool Drop>
-void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n,
-                const uint32_t* words, uint32_t threshold) {
+void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n, const uint32_t* words,
+                uint32_t threshold) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (first) fold<Acc, T, true, HasBase, Drop>(acc, x, b, c, n, words, threshold);

@@ -45,9 +45,7 @@ struct TableRow {
 // The rows of a table cut into chunks of `chunk` elements, numbered across rows in table order, so that
 // one parallel loop over chunk numbers balances rows of any size.
 struct ChunkGrid {
-  struct Span {
-    int64_t row, start, n;
-  };
+  struct Span { int64_t row, start, n; };
   const int64_t* table;
   int64_t n_inputs, chunk;
   std::vector<int64_t> first;  // first chunk number of each row, and the total at the end

@@ -112,7 +112,8 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
   const __m512i ma = _mm512_set1_epi64(0xD2511F53), mb = _mm512_set1_epi64(0xCD9E8D57);
   __m512i c0[2], c1[2], c2[2], c3[2];
   for (int h = 0; h < 2; ++h) {
-    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<uint32_t>(first) + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<uint32_t>(first) + 8 * h),
+                             _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
     c1[h] = _mm512_set1_epi64(static_cast<uint32_t>(first >> 32));
     c2[h] = _mm512_set1_epi64(stream);
     c3[h] = _mm512_setzero_si512();
@@ -133,10 +134,10 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
     _mm512_store_si512(words[w], _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
   }
 #else
-  uint32_t(&c0)[16] = words[0];
-  uint32_t(&c1)[16] = words[1];
-  uint32_t(&c2)[16] = words[2];
-  uint32_t(&c3)[16] = words[3];
+  uint32_t (&c0)[16] = words[0];
+  uint32_t (&c1)[16] = words[1];
+  uint32_t (&c2)[16] = words[2];
+  uint32_t (&c3)[16] = words[3];
   for (int l = 0; l < 16; ++l) {
     c0[l] = static_cast<uint32_t>(first) + static_cast<uint32_t>(l);
     c1[l] = static_cast<uint32_t>(first >> 32);

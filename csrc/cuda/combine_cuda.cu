@@ -9,9 +9,9 @@
 // so 16 neighbouring threads read 16 consecutive elements.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <algorithm>
 
 #include "../cpu/combine_cpu.h"
 #include "../philox.h"
@@ -105,13 +105,14 @@ __device__ void combine_tile(const TableRow& row, int64_t n_inputs, int64_t star
 }
 
 __global__ void __launch_bounds__(kThreads)
-combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs) {
+    combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs) {
   const int64_t total = first_tile[n_tensors];
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     int64_t lo = 0, hi = n_tensors;  // find t with first_tile[t] <= tile < first_tile[t+1]
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (first_tile[mid] <= tile) lo = mid; else hi = mid;
+      if (first_tile[mid] <= tile) lo = mid;
+      else hi = mid;
     }
     const TableRow row(table, n_inputs, lo);
     const int64_t start = (tile - first_tile[lo]) * kTile;
@@ -121,7 +122,8 @@ combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensor
 }
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fusedmerge CUDA: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fusedmerge CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace
