@@ -2,7 +2,7 @@
 // level (namespace FM_ISA).
 //
 // For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b,
-// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = U(key_i, j) >= T (csrc/philox.h):
+// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = U(key_i, j) >= T (csrc/common/philox.h):
 //     d_i = x_i[j] - b[j]            (d_i = x_i[j] without a base)
 //     e_i = keep_i[j] ? c_i*d_i : 0  (e_i = c_i*d_i without dropping)
 //     acc = e_0;  acc = acc + e_i  for i = 1..N-1   (left fold, one rounding per operation)
@@ -17,8 +17,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../numerics.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "elementwise.h"
 
 namespace fm {

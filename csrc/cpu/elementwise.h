@@ -1,5 +1,5 @@
 // Typed, vectorisable element loops shared by the CPU kernels: storage types, exact widening, one
-// round-to-nearest-even narrowing (csrc/numerics.h), and the dispatch from a dtype code to a storage type.
+// round-to-nearest-even narrowing (csrc/common/numerics.h), and the dispatch from a dtype code to a storage type.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -8,8 +8,8 @@
 #include <immintrin.h>
 #endif
 
-#include "../numerics.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "combine_cpu.h"
 
 namespace fm {
@@ -102,7 +102,7 @@ class RegionErrors {
 
 static_assert(kChunk % kGroup == 0, "chunks hold whole Philox groups");
 
-// Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/philox.h): words[w][lane].
+// Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/common/philox.h): words[w][lane].
 inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, uint32_t stream) {
   const uint64_t first = group * 16;  // a multiple of 16: the low counter words of first + lane never carry
 #if defined(__AVX512F__)
@@ -152,7 +152,7 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
 }
 
 // 32-bit uniforms u[0, n) of elements [start, start + n) of one (model, tensor), for comparison with
-// `threshold` (csrc/philox.h); start a multiple of kGroup, n <= kChunk. Writes u up to the end of the last
+// `threshold` (csrc/common/philox.h); start a multiple of kGroup, n <= kChunk. Writes u up to the end of the last
 // group, n rounded up to a multiple of kGroup (<= kChunk). The low halves (stream 1) are drawn
 // only in groups where some high half equals threshold >> 16; elsewhere they are left 0, which cannot
 // change a comparison with the threshold.

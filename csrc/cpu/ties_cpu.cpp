@@ -25,8 +25,8 @@
 #include <utility>
 #include <vector>
 
-#include "../numerics.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "combine_cpu.h"
 #include "elementwise.h"
 #include "ties_cpu.h"

@@ -2,15 +2,15 @@
 #pragma once
 #include <cstdint>
 
-namespace fm {
+#include "../common/table.h"
 
-enum TiesMerge : int64_t { kMergeSum = 0, kMergeMean = 1, kMergeMax = 2 };
+namespace fm {
 
 struct TiesParams {
   bool model_scope;     // one threshold per model over all rows, else one per (row, model)
   bool elect_count;     // elect by the count of signs, else by the summed mass
   bool weighted_vote;   // vote on w_i * τ̂_i, else on τ̂_i
-  int64_t merge;        // TiesMerge
+  MergeMode merge;      // csrc/common/table.h
   double scaling;       // λ
   double drop_rescale;  // DARE-TIES: kept deltas × this (rows with a drop threshold)
 };
