@@ -25,9 +25,13 @@ BLOCK_INTERPRETER = 1 << 16
 
 @triton.jit
 def _to_acc(x, ACC_F64: tl.constexpr):
+    # One return: the compiler also generates the statements after a constexpr `if` that returns, so an early
+    # return here makes two return types (fp64, fp32), which Triton 3.9 rejects when compiling for a GPU.
     if ACC_F64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
