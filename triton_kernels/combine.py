@@ -1,5 +1,5 @@
 """Multi-tensor linear combination with optional random drop (DARE) in Triton, driven by the int64 table
-of csrc/cpu/combine_cpu.h.
+of fusedmerge/dispatch/_table.py (csrc/common/table.h), read through triton_kernels/table.py.
 
 For each tile (tensor t, elements start..start+BLOCK) and inputs x_i of that tensor, base b, coeffs c_i,
 drop threshold T and Philox keys k_i (keep_i[j] = U(k_i, j) >= T, fusedmerge/philox.py)::
@@ -16,46 +16,52 @@ rounded by hand, which is exact on GPUs and in the interpreter alike. Launch wit
 import triton
 import triton.language as tl
 
+from . import table as tb
+from .table import BF16, F16, F32, F64
+
 BLOCK = 4096
 BLOCK_INTERPRETER = 1 << 16
-F32, F16, BF16, F64 = 0, 1, 2, 3  # csrc/numerics.h
 
 
 @triton.jit
 def _to_acc(x, ACC_F64: tl.constexpr):
+    # One return: the compiler also generates the statements after a constexpr `if` that returns, so an early
+    # return here makes two return types (fp64, fp32), which Triton 3.9 rejects when compiling for a GPU.
     if ACC_F64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
 def _load_acc(addr, code, offs, mask, ACC_F64: tl.constexpr):
-    if code == 2:
+    if code == BF16:
         bits = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
         x = _to_acc((bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True), ACC_F64)
-    elif code == 1:
+    elif code == F16:
         x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0).to(tl.float32), ACC_F64)
-    elif code == 0:
+    elif code == F32:
         x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0), ACC_F64)
-    else:
+    else:  # F64
         x = _to_acc(tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0), ACC_F64)
     return x
 
 
 @triton.jit
 def _store_rounded(addr, code, offs, mask, v):
-    if code == 3:
+    if code == F64:
         tl.store(addr.to(tl.pointer_type(tl.float64)) + offs, v.to(tl.float64), mask=mask)
     else:
         f = v.to(tl.float32)
-        if code == 2:
+        if code == BF16:
             bits = f.to(tl.uint32, bitcast=True)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
             rounded = tl.where(f != f, 0x7FC0, rounded)
             tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, rounded.to(tl.uint16), mask=mask)
-        elif code == 1:
+        elif code == F16:
             tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, f.to(tl.float16), mask=mask)
-        else:
+        else:  # F32
             tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, f, mask=mask)
 
 
@@ -87,16 +93,16 @@ def _uniforms(key, start, threshold, BLOCK: tl.constexpr):
 @triton.jit
 def _term(row, i, b, start, offs, mask, threshold, HAS_BASE: tl.constexpr, ACC_F64: tl.constexpr,
           BLOCK: tl.constexpr):
-    x = _load_acc(tl.load(row + 6 + 4 * i), tl.load(row + 7 + 4 * i), offs, mask, ACC_F64)
+    x = _load_acc(tb.input_ptr(row, i), tb.input_dtype(row, i), offs, mask, ACC_F64)
     if HAS_BASE:
         x = x - b
-    c = tl.load(row + 8 + 4 * i).to(tl.float64, bitcast=True)
+    c = tb.coeff(row, i)
     if not ACC_F64:
         c = c.to(tl.float32)
     x = x * c
     if threshold != 0:
         t32 = threshold.to(tl.uint32)
-        keep = _uniforms(tl.load(row + 9 + 4 * i), start, t32, BLOCK) >= t32
+        keep = _uniforms(tb.key(row, i), start, t32, BLOCK) >= t32
         x = tl.where(keep, x, 0.0)
     return x
 
@@ -107,20 +113,20 @@ def tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, BLOCK: 
     element offsets and their bounds mask."""
     pid = tl.program_id(0)
     t = tl.load(tile_tensor_ptr + pid)
-    row = table_ptr + t * (6 + 4 * N)
+    row = tb.row_of(table_ptr, t, N)
     start = tl.load(tile_start_ptr + pid)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return t, row, start, offs, offs < tl.load(row + 2)
+    return t, row, start, offs, offs < tb.numel(row)
 
 
 @triton.jit
 def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, ACC_F64: tl.constexpr,
                    BLOCK: tl.constexpr):
     _, row, start, offs, mask = tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N, BLOCK)
-    base_addr = tl.load(row + 3)
-    threshold = tl.load(row + 5)
+    base_addr = tb.base_ptr(row)
+    threshold = tb.drop_threshold(row)
     if base_addr != 0:
-        b = _load_acc(base_addr, tl.load(row + 4), offs, mask, ACC_F64)
+        b = _load_acc(base_addr, tb.base_dtype(row), offs, mask, ACC_F64)
         acc = _term(row, 0, b, start, offs, mask, threshold, True, ACC_F64, BLOCK)
         for i in tl.static_range(1, N):
             acc = acc + _term(row, i, b, start, offs, mask, threshold, True, ACC_F64, BLOCK)
@@ -129,7 +135,7 @@ def combine_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, N: tl.constexpr, 
         acc = _term(row, 0, 0.0, start, offs, mask, threshold, False, ACC_F64, BLOCK)
         for i in tl.static_range(1, N):
             acc = acc + _term(row, i, 0.0, start, offs, mask, threshold, False, ACC_F64, BLOCK)
-    _store_rounded(tl.load(row), tl.load(row + 1), offs, mask, acc)
+    _store_rounded(tb.out_ptr(row), tb.out_dtype(row), offs, mask, acc)
 
 
 def launch(table, tile_tensor, tile_start, *, n_inputs, acc_f64, block):
@@ -144,17 +150,17 @@ def l1_buckets_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, buckets_ptr, N
     """Σ|τᵢ| and Σ keepᵢ·|τᵢ| (τᵢ = xᵢ − b, fp32) as int64 sums of mantissas per exponent, by atomics into
     buckets[row, i, {all, kept}, 256] — integer sums, so the same on every backend (reference.py)."""
     t, row, start, offs, mask = tile_of(table_ptr, tile_tensor_ptr, tile_start_ptr, N, BLOCK)
-    b = _load_acc(tl.load(row + 3), tl.load(row + 4), offs, mask, False)
-    drop = tl.load(row + 5)
+    b = _load_acc(tb.base_ptr(row), tb.base_dtype(row), offs, mask, False)
+    drop = tb.drop_threshold(row)
     for i in tl.static_range(N):
-        tau = _load_acc(tl.load(row + 6 + 4 * i), tl.load(row + 7 + 4 * i), offs, mask, False) - b
+        tau = _load_acc(tb.input_ptr(row, i), tb.input_dtype(row, i), offs, mask, False) - b
         bits = tau.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
         e = (bits >> 23).to(tl.int64)
         mant = ((bits & 0x7FFFFF) | tl.where(e != 0, 0x800000, 0).to(tl.uint32)).to(tl.int64)
         keep = mask
         if drop != 0:
             d32 = drop.to(tl.uint32)
-            keep = mask & (_uniforms(tl.load(row + 9 + 4 * i), start, d32, BLOCK) >= d32)
+            keep = mask & (_uniforms(tb.key(row, i), start, d32, BLOCK) >= d32)
         cell = buckets_ptr + (t * N + i) * 512 + e
         tl.atomic_add(cell, mant, mask=mask)
         tl.atomic_add(cell + 256, mant, mask=keep)

@@ -1,5 +1,5 @@
-"""TIES merge in Triton over the int64 table of csrc/cpu/combine_cpu.h (coefficients = weights wᵢ), with
-the trim thresholds found beforehand (fusedmerge/dispatch/triton.py). Per element, in fp32, the formula of
+"""TIES merge in Triton over the int64 table of fusedmerge/dispatch/_table.py (coefficients = weights wᵢ),
+with the trim thresholds found beforehand (thresholds, below). Per element, in fp32, the formula of
 fusedmerge/reference.py:ties_reference::
 
     τ̂ᵢ = |τᵢ| ≥ tᵢ ? τᵢ : 0        (DARE-TIES, rows with a drop threshold: keepᵢ ? τᵢ·r : 0)
@@ -10,23 +10,42 @@ Two sweeps over the models per tile (vote, then merge) reload the inputs instead
 values. The vote kernel alone returns each tile's Σ σ, for vote_tie = majority.
 """
 
+from typing import Sequence
+
+import torch
 import triton
 import triton.language as tl
 
+from . import table as tb
 from .combine import _load_acc, _store_rounded, _uniforms, tile_of
+from .table import MERGE_MAX, MERGE_MEAN
 
 BLOCK = 1024
 BLOCK_INTERPRETER = 1 << 14
-SUM, MEAN, MAX = 0, 1, 2
+
+
+def thresholds(jobs: Sequence, spec) -> torch.Tensor:
+    """Trim thresholds of TIES jobs (fusedmerge/reference.py CombineJob, TiesSpec), int64 [scopes, N] on the
+    CPU: per scope and model, the bits of the k-th largest |τ| (τ = x - base in fp32). torch.kthvalue (a radix
+    select on CUDA) runs over one model's magnitudes at a time, so the scratch is one scope of int32, never N
+    of them."""
+    scopes = [[j] for j in jobs] if spec.scope == "tensor" else [list(jobs)]
+    out = torch.zeros((len(scopes), len(spec.weights)), dtype=torch.int64)
+    for s, scope in enumerate(scopes):
+        for m in range(len(spec.weights)):
+            bits = torch.cat([(j.inputs[m].float() - j.base.float()).abs().view(torch.int32).reshape(-1)
+                              for j in scope])
+            out[s, m] = int(torch.kthvalue(bits, bits.numel() - spec.ks[s][m] + 1).values)
+    return out
 
 
 @triton.jit
 def _trimmed(row, m, b, start, offs, mask, thr_row, rescale, BLOCK: tl.constexpr):
-    tau = _load_acc(tl.load(row + 6 + 4 * m), tl.load(row + 7 + 4 * m), offs, mask, False) - b
-    drop = tl.load(row + 5)
+    tau = _load_acc(tb.input_ptr(row, m), tb.input_dtype(row, m), offs, mask, False) - b
+    drop = tb.drop_threshold(row)
     if drop != 0:
         d32 = drop.to(tl.uint32)
-        keep = _uniforms(tl.load(row + 9 + 4 * m), start, d32, BLOCK) >= d32
+        keep = _uniforms(tb.key(row, m), start, d32, BLOCK) >= d32
         if rescale != 1.0:
             tau = tau * rescale
         t = tl.where(keep, tau, 0.0)
@@ -48,7 +67,7 @@ def _vote(row, b, start, offs, mask, thr_row, rescale, N: tl.constexpr, WEIGHTED
     for m in tl.static_range(N):
         t = _trimmed(row, m, b, start, offs, mask, thr_row, rescale, BLOCK)
         if WEIGHTED:
-            t = t * tl.load(row + 8 + 4 * m).to(tl.float64, bitcast=True).to(tl.float32)
+            t = t * tb.coeff(row, m).to(tl.float32)
         if COUNT:
             t = _sign(t)
         if m == 0:
@@ -66,7 +85,7 @@ def _tile(table_ptr, tile_tensor_ptr, tile_start_ptr, thr_ptr, MODEL_SCOPE: tl.c
         thr_row = thr_ptr
     else:
         thr_row = thr_ptr + t * N
-    b = _load_acc(tl.load(row + 3), tl.load(row + 4), offs, mask, False)
+    b = _load_acc(tb.base_ptr(row), tb.base_dtype(row), offs, mask, False)
     return row, start, offs, mask, thr_row, b
 
 
@@ -92,14 +111,14 @@ def ties_merge_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, thr_ptr, resca
     den = tl.zeros((BLOCK,), tl.float32)
     for m in tl.static_range(N):
         t = _trimmed(row, m, b, start, offs, mask, thr_row, rescale, BLOCK)
-        w = tl.load(row + 8 + 4 * m).to(tl.float64, bitcast=True).to(tl.float32)
+        w = tb.coeff(row, m).to(tl.float32)
         u = t * w
         if WEIGHTED:
             v = u
         else:
             v = t
         agree = ((v > 0) & (sigma > 0)) | ((v < 0) & (sigma < 0))
-        if MERGE == 2:
+        if MERGE == MERGE_MAX:
             mag = tl.where(agree, tl.abs(u), 0.0)
             nan = (merged != merged) | (mag != mag)
             bigger = tl.where(merged > mag, merged, mag)
@@ -116,11 +135,11 @@ def ties_merge_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, thr_ptr, resca
             else:
                 merged = merged + term
                 den = den + dw
-    if MERGE == 2:
+    if MERGE == MERGE_MAX:
         merged = sigma * merged
-    if MERGE == 1:
+    if MERGE == MERGE_MEAN:
         merged = tl.where(den != 0, tl.math.div_rn(merged, tl.where(den != 0, den, 1.0)), 0.0)
-    _store_rounded(tl.load(row), tl.load(row + 1), offs, mask, b + merged * scaling)
+    _store_rounded(tb.out_ptr(row), tb.out_dtype(row), offs, mask, b + merged * scaling)
 
 
 def launch_vote(table, tile_tensor, tile_start, thresholds, sums, *, n_inputs, model_scope, weighted, count,

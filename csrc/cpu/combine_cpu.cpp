@@ -2,7 +2,7 @@
 // level (namespace FM_ISA).
 //
 // For every tensor t of the table and every element j, with inputs x_0..x_{N-1}, optional base b,
-// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = U(key_i, j) >= T (csrc/philox.h):
+// coefficients c_i and, when the row's drop threshold T > 0, keep_i[j] = U(key_i, j) >= T (csrc/common/philox.h):
 //     d_i = x_i[j] - b[j]            (d_i = x_i[j] without a base)
 //     e_i = keep_i[j] ? c_i*d_i : 0  (e_i = c_i*d_i without dropping)
 //     acc = e_0;  acc = acc + e_i  for i = 1..N-1   (left fold, one rounding per operation)
@@ -10,14 +10,15 @@
 // in fp32 (fp64 when an input is fp64). Work is split into fixed chunks over all tensors, so mixed
 // shapes balance across threads; each chunk keeps its accumulator in L1 and streams every input once.
 // Short chunks keep the N input streams interleaved finely, which the hardware prefetchers follow best.
+#include "combine_cpu.h"
+
 #include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "../numerics.h"
-#include "../philox.h"
-#include "combine_cpu.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "elementwise.h"
 
 namespace fm {
@@ -49,8 +50,8 @@ void store(void* dst, const Acc* __restrict acc, const Acc* __restrict b, bool h
 }
 
 template <typename Acc, bool HasBase, bool Drop>
-void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n,
-                const uint32_t* words, uint32_t threshold) {
+void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, Acc c, int64_t n, const uint32_t* words,
+                uint32_t threshold) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (first) fold<Acc, T, true, HasBase, Drop>(acc, x, b, c, n, words, threshold);

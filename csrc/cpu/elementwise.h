@@ -1,5 +1,5 @@
 // Typed, vectorisable element loops shared by the CPU kernels: storage types, exact widening, one
-// round-to-nearest-even narrowing (csrc/numerics.h), and the dispatch from a dtype code to a storage type.
+// round-to-nearest-even narrowing (csrc/common/numerics.h), and the dispatch from a dtype code to a storage type.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -8,8 +8,8 @@
 #include <immintrin.h>
 #endif
 
-#include "../numerics.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "combine_cpu.h"
 
 namespace fm {
@@ -102,7 +102,7 @@ class RegionErrors {
 
 static_assert(kChunk % kGroup == 0, "chunks hold whole Philox groups");
 
-// Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/philox.h): words[w][lane].
+// Words w of the 16 calls of Philox group `group` in stream `stream` (csrc/common/philox.h): words[w][lane].
 inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, uint32_t stream) {
   const uint64_t first = group * 16;  // a multiple of 16: the low counter words of first + lane never carry
 #if defined(__AVX512F__)
@@ -112,7 +112,8 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
   const __m512i ma = _mm512_set1_epi64(0xD2511F53), mb = _mm512_set1_epi64(0xCD9E8D57);
   __m512i c0[2], c1[2], c2[2], c3[2];
   for (int h = 0; h < 2; ++h) {
-    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<uint32_t>(first) + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<uint32_t>(first) + 8 * h),
+                             _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
     c1[h] = _mm512_set1_epi64(static_cast<uint32_t>(first >> 32));
     c2[h] = _mm512_set1_epi64(stream);
     c3[h] = _mm512_setzero_si512();
@@ -133,10 +134,10 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
     _mm512_store_si512(words[w], _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
   }
 #else
-  uint32_t(&c0)[16] = words[0];
-  uint32_t(&c1)[16] = words[1];
-  uint32_t(&c2)[16] = words[2];
-  uint32_t(&c3)[16] = words[3];
+  uint32_t (&c0)[16] = words[0];
+  uint32_t (&c1)[16] = words[1];
+  uint32_t (&c2)[16] = words[2];
+  uint32_t (&c3)[16] = words[3];
   for (int l = 0; l < 16; ++l) {
     c0[l] = static_cast<uint32_t>(first) + static_cast<uint32_t>(l);
     c1[l] = static_cast<uint32_t>(first >> 32);
@@ -151,7 +152,7 @@ inline void group_words(uint32_t (&words)[4][16], uint64_t key, uint64_t group, 
 }
 
 // 32-bit uniforms u[0, n) of elements [start, start + n) of one (model, tensor), for comparison with
-// `threshold` (csrc/philox.h); start a multiple of kGroup, n <= kChunk. Writes u up to the end of the last
+// `threshold` (csrc/common/philox.h); start a multiple of kGroup, n <= kChunk. Writes u up to the end of the last
 // group, n rounded up to a multiple of kGroup (<= kChunk). The low halves (stream 1) are drawn
 // only in groups where some high half equals threshold >> 16; elsewhere they are left 0, which cannot
 // change a comparison with the threshold.

@@ -25,8 +25,8 @@
 #include <utility>
 #include <vector>
 
-#include "../numerics.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
 #include "combine_cpu.h"
 #include "elementwise.h"
 #include "ties_cpu.h"
@@ -50,7 +50,9 @@ class Candidates {
  public:
   Candidates() = default;
   Candidates(Candidates&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), capacity_(std::exchange(o.capacity_, 0)) {}
+      : data_(std::exchange(o.data_, nullptr)),
+        size_(std::exchange(o.size_, 0)),
+        capacity_(std::exchange(o.capacity_, 0)) {}
   Candidates(const Candidates&) = delete;
   Candidates& operator=(const Candidates&) = delete;
   ~Candidates() { release(); }
@@ -64,7 +66,8 @@ class Candidates {
     if (n * sizeof(uint32_t) < kMapped) {
       p = new uint32_t[n];
     } else {
-      void* m = mmap(nullptr, n * sizeof(uint32_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | kPopulate, -1, 0);
+      void* m =
+          mmap(nullptr, n * sizeof(uint32_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | kPopulate, -1, 0);
       if (m == MAP_FAILED) throw std::bad_alloc();
       p = static_cast<uint32_t*>(m);
     }
@@ -80,7 +83,10 @@ class Candidates {
     return end();
   }
   void grow(size_t n) { size_ += n; }
-  void append(const Candidates& o) { std::copy(o.begin(), o.end(), room(o.size())); size_ += o.size(); }
+  void append(const Candidates& o) {
+    std::copy(o.begin(), o.end(), room(o.size()));
+    size_ += o.size();
+  }
   void release() {
     if (data_ != nullptr && capacity_ * sizeof(uint32_t) < kMapped) delete[] data_;
     else if (data_ != nullptr) munmap(data_, capacity_ * sizeof(uint32_t));
@@ -140,15 +146,16 @@ struct Scopes {
     int64_t lo = first_row[s], hi = first_row[s + 1];
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (offsets[mid] <= i) lo = mid; else hi = mid;
+      if (offsets[mid] <= i) lo = mid;
+      else hi = mid;
     }
     return lo;
   }
 };
 
 // Magnitude bits of model m at scope indices [from, from + n) of scope s.
-void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scopes, int64_t s, int64_t m,
-                     int64_t from, int64_t n, uint32_t* out) {
+void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scopes, int64_t s, int64_t m, int64_t from,
+                     int64_t n, uint32_t* out) {
   int64_t t = scopes.row_at(s, from);
   int64_t i = from;
   float b[kChunk], tau[kChunk];
@@ -156,7 +163,10 @@ void fill_scope_bits(const int64_t* table, int64_t n_inputs, const Scopes& scope
     const TableRow row(table, n_inputs, t);
     const int64_t start = i - scopes.offsets[t];
     const int64_t len = std::min({kChunk, row.numel() - start, from + n - i});
-    if (len <= 0) { ++t; continue; }
+    if (len <= 0) {
+      ++t;
+      continue;
+    }
     load_base(row, start, len, b);
     load_tau(row, m, start, len, b, tau);
     for (int64_t j = 0; j < len; ++j) out[i - from + j] = magnitude_bits(tau[j]);
@@ -178,7 +188,8 @@ int64_t count_and_collect(const TableRow& row, int64_t m, int64_t start, int64_t
     const char* x = at(row.input(m), dt, start);
     const auto load = [&](int64_t i) {  // 16 elements from i, widened exactly
       if (dt == kF32) return _mm512_loadu_ps(reinterpret_cast<const float*>(x) + i);
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(x) + i));
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(x) + i));
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
     };
     // Four vectors at a time, so the store offsets depend on one running count per 64 elements, not per 16.
@@ -206,7 +217,8 @@ int64_t count_and_collect(const TableRow& row, int64_t m, int64_t start, int64_t
   }
 #endif
   if (j < n) load_tau(row, m, start + j, n - j, b + j, tau);
-  for (int64_t i = 0; j < n; ++j, ++i) {  // branch-free compaction; the dependency through c makes it ~5 cycles an element
+  // branch-free compaction; the dependency through c makes it ~5 cycles an element
+  for (int64_t i = 0; j < n; ++j, ++i) {
     const uint32_t bits = magnitude_bits(tau[i]);
     above += bits > h;
     out[c] = bits;
@@ -263,41 +275,42 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   RegionErrors errors;
   // 1. Bracket each k-th largest with a sample.
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t pm = 0; pm < pairs; ++pm) errors.run([&] {
-    const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm], runs = sample_runs(n);
-    if (runs == 0) {  // small scope: every element is a candidate
-      expected[pm] = static_cast<size_t>(n);
-      return;
-    }
-    std::vector<uint32_t> sample(runs * kRun);
-    const auto run_start = [&](int64_t r) { return r * (n - kRun) / (runs - 1); };
-    const auto prefetch_run = [&](int64_t r) {  // runs are cache misses: keep kAhead of them in flight
-      const int64_t i = run_start(r), t = scopes.row_at(s, i);
-      const TableRow row(table, n_inputs, t);
-      __builtin_prefetch(at(row.base(), row.base_dtype(), i - scopes.offsets[t]), 0, 2);
-      __builtin_prefetch(at(row.input(m), row.input_dtype(m), i - scopes.offsets[t]), 0, 2);
-    };
-    constexpr int64_t kAhead = 32;
-    for (int64_t r = 0; r < std::min(runs, kAhead); ++r) prefetch_run(r);
-    for (int64_t r = 0; r < runs; ++r) {
-      if (r + kAhead < runs) prefetch_run(r + kAhead);
-      fill_scope_bits(table, n_inputs, scopes, s, m, run_start(r), kRun, sample.data() + r * kRun);
-    }
-    const int64_t S = static_cast<int64_t>(sample.size());
-    const double q = static_cast<double>(k) / n, margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
-    const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin));
-    const int64_t r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
-    const auto [smallest, largest] = std::minmax_element(sample.begin(), sample.end());
-    const uint32_t l = *smallest, h = *largest;
-    if (r_hi >= 0) {
-      std::vector<uint32_t> copy(sample);
-      hi[pm] = kth_largest_in(copy.data(), copy.size(), r_hi + 1, l, h);
-    }
-    if (r_lo < S) lo[pm] = kth_largest_in(sample.data(), sample.size(), r_lo + 1, l, h);
-    // a row (tensor scope) is mostly one thread's; the whole state dict (model scope) is split evenly
-    const double share = (std::min(r_lo, S) - std::max<int64_t>(r_hi, 0) + 16.0) / S * n;
-    expected[pm] = static_cast<size_t>(1.2 * share / (model_scope ? threads : 1)) + 1024;
-  });
+  for (int64_t pm = 0; pm < pairs; ++pm)
+    errors.run([&] {
+      const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm], runs = sample_runs(n);
+      if (runs == 0) {  // small scope: every element is a candidate
+        expected[pm] = static_cast<size_t>(n);
+        return;
+      }
+      std::vector<uint32_t> sample(runs * kRun);
+      const auto run_start = [&](int64_t r) { return r * (n - kRun) / (runs - 1); };
+      const auto prefetch_run = [&](int64_t r) {  // runs are cache misses: keep kAhead of them in flight
+        const int64_t i = run_start(r), t = scopes.row_at(s, i);
+        const TableRow row(table, n_inputs, t);
+        __builtin_prefetch(at(row.base(), row.base_dtype(), i - scopes.offsets[t]), 0, 2);
+        __builtin_prefetch(at(row.input(m), row.input_dtype(m), i - scopes.offsets[t]), 0, 2);
+      };
+      constexpr int64_t kAhead = 32;
+      for (int64_t r = 0; r < std::min(runs, kAhead); ++r) prefetch_run(r);
+      for (int64_t r = 0; r < runs; ++r) {
+        if (r + kAhead < runs) prefetch_run(r + kAhead);
+        fill_scope_bits(table, n_inputs, scopes, s, m, run_start(r), kRun, sample.data() + r * kRun);
+      }
+      const int64_t S = static_cast<int64_t>(sample.size());
+      const double q = static_cast<double>(k) / n, margin = 6.0 * std::sqrt(S * q * (1.0 - q)) + 8.0;
+      const int64_t r_hi = static_cast<int64_t>(std::floor(q * S - margin));
+      const int64_t r_lo = static_cast<int64_t>(std::ceil(q * S + margin));
+      const auto [smallest, largest] = std::minmax_element(sample.begin(), sample.end());
+      const uint32_t l = *smallest, h = *largest;
+      if (r_hi >= 0) {
+        std::vector<uint32_t> copy(sample);
+        hi[pm] = kth_largest_in(copy.data(), copy.size(), r_hi + 1, l, h);
+      }
+      if (r_lo < S) lo[pm] = kth_largest_in(sample.data(), sample.size(), r_lo + 1, l, h);
+      // a row (tensor scope) is mostly one thread's; the whole state dict (model scope) is split evenly
+      const double share = (std::min(r_lo, S) - std::max<int64_t>(r_hi, 0) + 16.0) / S * n;
+      expected[pm] = static_cast<size_t>(1.2 * share / (model_scope ? threads : 1)) + 1024;
+    });
   errors.rethrow();
   // 2. One pass: count above the bracket, collect inside it (per thread).
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
@@ -309,50 +322,52 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     const int tid = omp_get_thread_num();
     float b[kChunk], tau[kChunk];
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < chunks.total(); ++g) errors.run([&] {
-      const ChunkGrid::Span c = chunks[g];
-      const TableRow row(table, n_inputs, c.row);
-      const int64_t n = c.n;
-      load_base(row, c.start, n, b);
-      for (int64_t m = 0; m < n_inputs; ++m) {
-        const int64_t pm = scopes.scope_of(c.row) * n_inputs + m;
-        inside[tid][pm].reserve(expected[pm]);
-        above[tid][pm] += count_and_collect(row, m, c.start, n, b, lo[pm], hi[pm], inside[tid][pm], tau);
-      }
-    });
+    for (int64_t g = 0; g < chunks.total(); ++g)
+      errors.run([&] {
+        const ChunkGrid::Span c = chunks[g];
+        const TableRow row(table, n_inputs, c.row);
+        const int64_t n = c.n;
+        load_base(row, c.start, n, b);
+        for (int64_t m = 0; m < n_inputs; ++m) {
+          const int64_t pm = scopes.scope_of(c.row) * n_inputs + m;
+          inside[tid][pm].reserve(expected[pm]);
+          above[tid][pm] += count_and_collect(row, m, c.start, n, b, lo[pm], hi[pm], inside[tid][pm], tau);
+        }
+      });
   }
   errors.rethrow();
   // 3. Exact answer inside the bracket, or the whole scope when the bracket missed.
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t pm = 0; pm < pairs; ++pm) errors.run([&] {
-    const int64_t k = ks[pm];
-    int64_t gt = 0;
-    size_t total = 0;
-    int widest = 0;
-    for (int th = 0; th < threads; ++th) {
-      gt += above[th][pm];
-      total += inside[th][pm].size();
-      if (inside[th][pm].capacity() > inside[widest][pm].capacity()) widest = th;
-    }
-    Candidates& cand = inside[widest][pm];  // all in the widest buffer
-    cand.reserve(total);
-    for (int th = 0; th < threads; ++th) {
-      if (th != widest) {
-        cand.append(inside[th][pm]);
-        inside[th][pm].release();
+  for (int64_t pm = 0; pm < pairs; ++pm)
+    errors.run([&] {
+      const int64_t k = ks[pm];
+      int64_t gt = 0;
+      size_t total = 0;
+      int widest = 0;
+      for (int th = 0; th < threads; ++th) {
+        gt += above[th][pm];
+        total += inside[th][pm].size();
+        if (inside[th][pm].capacity() > inside[widest][pm].capacity()) widest = th;
       }
-    }
-    if (gt < k && k <= gt + static_cast<int64_t>(cand.size())) {
-      thresholds[pm] = kth_largest_in(cand.begin(), cand.size(), k - gt, lo[pm], hi[pm]);
-      cand.release();
-    } else {
-      cand.release();
-      const int64_t s = pm / n_inputs, m = pm % n_inputs;
-      std::vector<uint32_t> all(scopes.sizes[s]);
-      fill_scope_bits(table, n_inputs, scopes, s, m, 0, scopes.sizes[s], all.data());
-      thresholds[pm] = kth_largest(all, k);
-    }
-  });
+      Candidates& cand = inside[widest][pm];  // all in the widest buffer
+      cand.reserve(total);
+      for (int th = 0; th < threads; ++th) {
+        if (th != widest) {
+          cand.append(inside[th][pm]);
+          inside[th][pm].release();
+        }
+      }
+      if (gt < k && k <= gt + static_cast<int64_t>(cand.size())) {
+        thresholds[pm] = kth_largest_in(cand.begin(), cand.size(), k - gt, lo[pm], hi[pm]);
+        cand.release();
+      } else {
+        cand.release();
+        const int64_t s = pm / n_inputs, m = pm % n_inputs;
+        std::vector<uint32_t> all(scopes.sizes[s]);
+        fill_scope_bits(table, n_inputs, scopes, s, m, 0, scopes.sizes[s], all.data());
+        thresholds[pm] = kth_largest(all, k);
+      }
+    });
   errors.rethrow();
 }
 
@@ -386,9 +401,9 @@ void trim_and_vote_input(const void* src, const float* __restrict b, uint32_t t,
 }
 
 // Trim and vote for one chunk: trimmed[m][j] = τ̂ of model m, s[j] = the elected sum (or count).
-void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, const uint32_t* thr,
-                   int64_t start, int64_t n, const float* __restrict b, float* __restrict trimmed,
-                   float* __restrict s, uint32_t* __restrict words) {
+void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, const uint32_t* thr, int64_t start,
+                   int64_t n, const float* __restrict b, float* __restrict trimmed, float* __restrict s,
+                   uint32_t* __restrict words) {
   for (int64_t m = 0; m < n_inputs; ++m) {
     float* __restrict tr = trimmed + m * kChunk;
     const int64_t dt = row.input_dtype(m);
@@ -451,8 +466,7 @@ int64_t ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inputs,
                       const uint32_t* thresholds) {
   std::vector<int64_t> partial(omp_get_max_threads(), 0);
   for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
-                       [&](int tid, const TableRow&, int64_t, int64_t n, const float*, const float* s,
-                           const float*) {
+                       [&](int tid, const TableRow&, int64_t, int64_t n, const float*, const float* s, const float*) {
                          for (int64_t j = 0; j < n; ++j) partial[tid] += static_cast<int64_t>(sign_of(s[j]));
                        });
   int64_t total = 0;
@@ -513,14 +527,14 @@ void merge_chunk(const TableRow& row, int64_t n_inputs, const TiesParams& p, int
 
 void ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
                 const uint32_t* thresholds, float tie_sign) {
-  for_each_voted_chunk(table, n_tensors, n_inputs, p, thresholds,
-                       [&](int, const TableRow& row, int64_t start, int64_t n, const float* b, float* s,
-                           const float* trimmed) {
-    elect(s, n, tie_sign);  // s now holds the elected sign σ
-    if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed);
-    else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed);
-    else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed);
-  });
+  for_each_voted_chunk(
+      table, n_tensors, n_inputs, p, thresholds,
+      [&](int, const TableRow& row, int64_t start, int64_t n, const float* b, float* s, const float* trimmed) {
+        elect(s, n, tie_sign);  // s now holds the elected sign σ
+        if (p.merge == kMergeMax) merge_chunk<kMergeMax>(row, n_inputs, p, start, n, b, s, trimmed);
+        else if (p.merge == kMergeMean) merge_chunk<kMergeMean>(row, n_inputs, p, start, n, b, s, trimmed);
+        else merge_chunk<kMergeSum>(row, n_inputs, p, start, n, b, s, trimmed);
+      });
 }
 
 }  // namespace FM_ISA

@@ -5,16 +5,17 @@
 //
 // One launch serves the whole table: a grid-stride loop over tiles of kTile elements; each tile finds its
 // tensor by binary search over the per-tensor tile prefix. Each thread owns kCalls Philox calls of the
-// tile and the 8 elements each serves (csrc/philox.h: call 16 g + l serves elements 128 g + 32 w + 16 h + l),
+// tile and the 8 elements each serves (csrc/common/philox.h: call 16 g + l serves elements 128 g + 32 w + 16 h + l),
 // so 16 neighbouring threads read 16 consecutive elements.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <algorithm>
 
-#include "../cpu/combine_cpu.h"
-#include "../philox.h"
+#include "../common/numerics.h"
+#include "../common/philox.h"
+#include "../common/table.h"
 #include "combine_cuda.h"
 
 namespace fm {
@@ -43,7 +44,7 @@ __device__ __forceinline__ int64_t element(int64_t start, int k) {
   return start + (c / 16) * kGroup + c % 16 + 32 * ((k / 2) % 4) + 16 * (k % 2);
 }
 
-// The 32-bit uniforms of the 8 elements served by call q of this thread (csrc/philox.h), for comparison with
+// The 32-bit uniforms of the 8 elements served by call q of this thread (csrc/common/philox.h), for comparison with
 // `threshold`: stream 1 only where a high half ties with threshold >> 16.
 __device__ __forceinline__ void uniforms(uint32_t (&u)[8], int64_t start, int q, uint64_t key, uint32_t threshold) {
   const uint64_t call = static_cast<uint64_t>(start / kElementsPerCall + tile_call(q));
@@ -105,13 +106,14 @@ __device__ void combine_tile(const TableRow& row, int64_t n_inputs, int64_t star
 }
 
 __global__ void __launch_bounds__(kThreads)
-combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs) {
+    combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensors, int64_t n_inputs) {
   const int64_t total = first_tile[n_tensors];
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     int64_t lo = 0, hi = n_tensors;  // find t with first_tile[t] <= tile < first_tile[t+1]
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (first_tile[mid] <= tile) lo = mid; else hi = mid;
+      if (first_tile[mid] <= tile) lo = mid;
+      else hi = mid;
     }
     const TableRow row(table, n_inputs, lo);
     const int64_t start = (tile - first_tile[lo]) * kTile;
@@ -121,7 +123,8 @@ combine_kernel(const int64_t* table, const int64_t* first_tile, int64_t n_tensor
 }
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fusedmerge CUDA: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fusedmerge CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // CUDA entry points. `block` is one device buffer laid out as
-//   [table (csrc/cpu/combine_cpu.h) | first_tile[n_tensors + 1]]
+//   [table (csrc/common/table.h) | first_tile[n_tensors + 1]]
 // where first_tile is the prefix sum of ceil(numel / cuda_tile()) per tensor; the launch runs on `stream`.
 #pragma once
 #include <cstdint>

@@ -1,20 +1,68 @@
-"""The int64 table that drives a multi-tensor launch (layout in csrc/cpu/combine_cpu.h).
+"""The int64 table that drives a multi-tensor launch: its layout and codes, and build_table.
 
-One row per output tensor: [out_ptr, out_dtype, numel, base_ptr (0: none), base_dtype, drop_threshold,
-then per input: in_ptr, in_dtype, coeff (fp64 bit pattern), Philox key]. Dtype codes are shared with
-csrc/numerics.h.
+The one Python definition of the layout, the dtype codes and the TIES merge codes; the C++ definition is
+csrc/common/table.h (the extensions export it as ``_cpu.LAYOUT`` / ``_cuda.LAYOUT``, and
+tests/test_layout.py checks that both agree). The Triton kernels read rows through
+triton_kernels/table.py, whose offsets come from here.
+
+One row per output tensor, ``table_width(N)`` entries: [out_ptr, out_dtype, numel, base_ptr (0: none),
+base_dtype, drop_threshold (0: keep all), then per input i, at HEADER_WIDTH + INPUT_STRIDE * i: in_ptr,
+in_dtype, coeff (fp64 bit pattern), Philox key].
 """
 
 from __future__ import annotations
 
 import struct
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ..reference import CombineJob
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# Header columns, one of each per row.
+OUT_PTR = 0
+OUT_DTYPE = 1
+NUMEL = 2
+BASE_PTR = 3
+BASE_DTYPE = 4
+DROP_THRESHOLD = 5
+HEADER_WIDTH = 6
+# Columns of input i, at HEADER_WIDTH + INPUT_STRIDE * i + the offset below.
+IN_PTR = 0
+IN_DTYPE = 1
+COEFF = 2
+KEY = 3
+INPUT_STRIDE = 4
+
+# Dtype codes of the dtype columns.
+F32, F16, BF16, F64 = 0, 1, 2, 3
+DTYPE_CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.float64: F64}
+
+# TIES merge modes (TiesSpec.merge).
+MERGE_SUM, MERGE_MEAN, MERGE_MAX = 0, 1, 2
+MERGE_CODES = {"sum": MERGE_SUM, "mean": MERGE_MEAN, "max": MERGE_MAX}
+
+# Every value above by name, as csrc/common/table.h exports it (kLayout).
+LAYOUT: Dict[str, int] = dict(
+    OUT_PTR=OUT_PTR, OUT_DTYPE=OUT_DTYPE, NUMEL=NUMEL, BASE_PTR=BASE_PTR, BASE_DTYPE=BASE_DTYPE,
+    DROP_THRESHOLD=DROP_THRESHOLD, HEADER_WIDTH=HEADER_WIDTH,
+    IN_PTR=IN_PTR, IN_DTYPE=IN_DTYPE, COEFF=COEFF, KEY=KEY, INPUT_STRIDE=INPUT_STRIDE,
+    F32=F32, F16=F16, BF16=BF16, F64=F64,
+    MERGE_SUM=MERGE_SUM, MERGE_MEAN=MERGE_MEAN, MERGE_MAX=MERGE_MAX,
+)
+
+assert sorted((OUT_PTR, OUT_DTYPE, NUMEL, BASE_PTR, BASE_DTYPE, DROP_THRESHOLD)) == list(range(HEADER_WIDTH))
+assert sorted((IN_PTR, IN_DTYPE, COEFF, KEY)) == list(range(INPUT_STRIDE))
+
+
+def table_width(n_inputs: int) -> int:
+    """int64 entries of one row with n_inputs inputs."""
+    return HEADER_WIDTH + INPUT_STRIDE * n_inputs
+
+
+def input_column(i: int, offset: int) -> int:
+    """Column of `offset` (IN_PTR, IN_DTYPE, COEFF or KEY) of input i."""
+    return HEADER_WIDTH + INPUT_STRIDE * i + offset
 
 
 def kernel_supports(job: CombineJob) -> bool:
@@ -33,25 +81,32 @@ def _i64(u: int) -> int:
 
 
 def build_table(jobs: Sequence[CombineJob]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """The table of `jobs` as a CPU int64 tensor of shape [len(jobs), 6 + 4N], and the contiguous
+    """The table of `jobs` as a CPU int64 tensor of shape [len(jobs), table_width(N)], and the contiguous
     tensors it points to (keep them alive until the launch has finished reading them)."""
     keep: List[torch.Tensor] = []
     rows = []
     for job in jobs:
         if not job.out.is_contiguous():
             raise ValueError("kernel outputs must be contiguous")
-        row = [job.out.data_ptr(), DTYPE_CODES[job.out.dtype], job.out.numel()]
-        if job.base is None:
-            row += [0, 0]
-        else:
+        n = len(job.inputs)
+        row = [0] * table_width(n)
+        row[OUT_PTR] = job.out.data_ptr()
+        row[OUT_DTYPE] = DTYPE_CODES[job.out.dtype]
+        row[NUMEL] = job.out.numel()
+        if job.base is not None:  # else BASE_PTR stays 0: no base
             base = job.base.contiguous()
             keep.append(base)
-            row += [base.data_ptr(), DTYPE_CODES[base.dtype]]
-        row.append(job.threshold)
-        keys = job.keys if job.threshold else [0] * len(job.inputs)
-        for x, c, key in zip(job.inputs, job.coeffs, keys):
+            row[BASE_PTR] = base.data_ptr()
+            row[BASE_DTYPE] = DTYPE_CODES[base.dtype]
+        row[DROP_THRESHOLD] = job.threshold
+        keys = job.keys if job.threshold else [0] * n
+        for i, (x, c, key) in enumerate(zip(job.inputs, job.coeffs, keys)):
             x = x.contiguous()
             keep.append(x)
-            row += [x.data_ptr(), DTYPE_CODES[x.dtype], _f64_bits(c), _i64(key)]
+            row[input_column(i, IN_PTR)] = x.data_ptr()
+            row[input_column(i, IN_DTYPE)] = DTYPE_CODES[x.dtype]
+            row[input_column(i, COEFF)] = _f64_bits(c)
+            row[input_column(i, KEY)] = _i64(key)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.int64), keep
+

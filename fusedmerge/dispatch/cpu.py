@@ -8,12 +8,16 @@ import torch
 
 from .. import _cpu
 from ..reference import CombineJob, TiesSpec
-from ._table import build_table
+from ._table import MERGE_CODES, build_table
+
+
+def _table_args(table: torch.Tensor, n_inputs: int):
+    return _cpu.TableArgs(table=table.data_ptr(), n_tensors=table.shape[0], n_inputs=n_inputs)
 
 
 def combine(jobs: Sequence[CombineJob]) -> None:
     table, keep = build_table(jobs)
-    _cpu.combine(table.data_ptr(), len(jobs), len(jobs[0].inputs))
+    _cpu.combine(_table_args(table, len(jobs[0].inputs)))
     del keep
 
 
@@ -23,14 +27,17 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     keys = spec.keys or [None] * len(jobs)
     rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k) for j, k in zip(jobs, keys)]
     table, keep = build_table(rows)
+    args = _table_args(table, n)
     model_scope = spec.scope == "model"
     thresholds = torch.zeros((len(spec.ks), n), dtype=torch.int32)
     if spec.drop_threshold == 0:
         ks = torch.tensor(spec.ks, dtype=torch.int64)
-        _cpu.ties_select(table.data_ptr(), len(jobs), n, model_scope, ks.data_ptr(), thresholds.data_ptr())
-    _cpu.ties_merge(table.data_ptr(), len(jobs), n, thresholds.data_ptr(), model_scope, spec.elect == "count",
-                    spec.weighted_vote, ("sum", "mean", "max").index(spec.merge), spec.scaling, spec.drop_rescale,
-                    spec.vote_tie == "majority")
+        _cpu.ties_select(_cpu.TiesSelectArgs(table=args, model_scope=model_scope, ks=ks.data_ptr(),
+                                             thresholds=thresholds.data_ptr()))
+    _cpu.ties_merge(_cpu.TiesMergeArgs(
+        table=args, thresholds=thresholds.data_ptr(), model_scope=model_scope, elect_count=spec.elect == "count",
+        weighted_vote=bool(spec.weighted_vote), merge=_cpu.MergeMode(MERGE_CODES[spec.merge]),
+        scaling=float(spec.scaling), drop_rescale=float(spec.drop_rescale), majority_tie=spec.vote_tie == "majority"))
     del keep
 
 
@@ -38,6 +45,6 @@ def l1_buckets(jobs: Sequence[CombineJob]) -> torch.Tensor:
     """reference.l1_buckets_reference of every job, stacked: [jobs, N, 2, 256] int64."""
     table, keep = build_table(jobs)
     buckets = torch.zeros((len(jobs), len(jobs[0].inputs), 2, 256), dtype=torch.int64)
-    _cpu.l1_buckets(table.data_ptr(), len(jobs), len(jobs[0].inputs), buckets.data_ptr())
+    _cpu.l1_buckets(_table_args(table, len(jobs[0].inputs)), buckets=buckets.data_ptr())
     del keep
     return buckets

@@ -9,18 +9,19 @@ import torch
 
 from .. import _cuda
 from ..reference import CombineJob
-from ._table import build_table
+from ._table import NUMEL, build_table
 
 
 def combine(jobs: Sequence[CombineJob]) -> None:
     device = jobs[0].out.device
     table, keep = build_table(jobs)
-    tiles = (table[:, 2] + _cuda.TILE - 1) // _cuda.TILE
+    tiles = (table[:, NUMEL] + _cuda.TILE - 1) // _cuda.TILE
     first_tile = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(tiles, 0)])
     block = torch.cat([table.flatten(), first_tile]).pin_memory()
     with torch.cuda.device(device):
         dev_block = block.to(device, non_blocking=True)
         stream = torch.cuda.current_stream(device).cuda_stream
-        _cuda.combine(dev_block.data_ptr(), len(jobs), len(jobs[0].inputs), int(first_tile[-1]), stream)
+        args = _cuda.TableArgs(table=dev_block.data_ptr(), n_tensors=len(jobs), n_inputs=len(jobs[0].inputs))
+        _cuda.combine(args, total_tiles=int(first_tile[-1]), stream=stream)
     # The caching allocator orders reuse of dev_block and the inputs' copies on this stream.
     del keep, dev_block

@@ -11,7 +11,7 @@ import torch
 from ..reference import CombineJob, TiesSpec
 from ..triton_kernels import combine as kernels
 from ..triton_kernels import ties as ties_kernels
-from ._table import build_table
+from ._table import MERGE_CODES, NUMEL, build_table
 
 
 def combine(jobs: Sequence[CombineJob]) -> None:
@@ -23,7 +23,7 @@ def combine(jobs: Sequence[CombineJob]) -> None:
 
 def _tiles(table: torch.Tensor, block: int, device):
     """Per tile: its row of the table and its first element (a multiple of 128), on `device`."""
-    tiles = (table[:, 2] + block - 1) // block
+    tiles = (table[:, NUMEL] + block - 1) // block
     tile_tensor = torch.repeat_interleave(torch.arange(table.shape[0], dtype=torch.int64), tiles)
     first = torch.cumsum(tiles, 0) - tiles
     tile_start = (torch.arange(tile_tensor.numel(), dtype=torch.int64) - first[tile_tensor]) * block
@@ -42,19 +42,6 @@ def _launch(jobs: Sequence[CombineJob], acc_f64: bool) -> None:
     del keep
 
 
-def _thresholds(jobs: Sequence[CombineJob], spec: TiesSpec) -> torch.Tensor:
-    """Per scope and model, the bits of the k-th largest |τ|: torch.kthvalue (a radix select on CUDA) over
-    one model's magnitudes at a time, so the scratch is one scope of int32, never N of them."""
-    scopes = [[j] for j in jobs] if spec.scope == "tensor" else [list(jobs)]
-    out = torch.zeros((len(scopes), len(spec.weights)), dtype=torch.int64)
-    for s, scope in enumerate(scopes):
-        for m in range(len(spec.weights)):
-            bits = torch.cat([(j.inputs[m].float() - j.base.float()).abs().view(torch.int32).reshape(-1)
-                              for j in scope])
-            out[s, m] = int(torch.kthvalue(bits, bits.numel() - spec.ks[s][m] + 1).values)
-    return out
-
-
 def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     """Thresholds (skipped for DARE-TIES), then the majority vote if asked, then one merge launch."""
     device = jobs[0].out.device
@@ -64,7 +51,7 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     table, keep = build_table(rows)
     tile_tensor, tile_start = _tiles(table, block, device)
     table = table.to(device)
-    thresholds = (_thresholds(jobs, spec) if spec.drop_threshold == 0
+    thresholds = (ties_kernels.thresholds(jobs, spec) if spec.drop_threshold == 0
                   else torch.zeros((len(spec.ks), len(spec.weights)), dtype=torch.int64)).to(device)
     common = dict(n_inputs=len(spec.weights), model_scope=spec.scope == "model", weighted=spec.weighted_vote,
                   count=spec.elect == "count", rescale=float(spec.drop_rescale), block=block)
@@ -74,7 +61,7 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
         ties_kernels.launch_vote(table, tile_tensor, tile_start, thresholds, sums, **common)
         total = int(sums.sum())
         tie_sign = float((total > 0) - (total < 0))
-    ties_kernels.launch_merge(table, tile_tensor, tile_start, thresholds, merge=("sum", "mean", "max").index(spec.merge),
+    ties_kernels.launch_merge(table, tile_tensor, tile_start, thresholds, merge=MERGE_CODES[spec.merge],
                               scaling=float(spec.scaling), tie_sign=tie_sign, **common)
     del keep
 

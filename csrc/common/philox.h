@@ -18,9 +18,7 @@ namespace fm {
 constexpr int64_t kElementsPerCall = 8;
 constexpr int64_t kGroup = 128;  // elements of one group: 16 calls
 
-struct Words4 {
-  uint32_t w[4];
-};
+struct Words4 { uint32_t w[4]; };
 
 // One round on a counter, with the round's key.
 FM_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {

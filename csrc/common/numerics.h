@@ -11,16 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define FM_HD __host__ __device__ __forceinline__
-#else
-#define FM_HD inline __attribute__((always_inline))
-#endif
+#include "hd.h"
+#include "table.h"  // the dtype codes
 
 namespace fm {
-
-// Dtype codes shared with fusedmerge/dispatch/_table.py.
-enum DType : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 FM_HD float f32_from_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
