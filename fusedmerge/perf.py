@@ -1,8 +1,10 @@
 """Measuring against the memory-bandwidth limit: bytes a merge moves, and a plain copy of as many bytes
-timed in the same run. Shared by the demo and the benchmarks."""
+timed in the same run; bit-for-bit comparison and the machine's name. Shared by the demo, the benchmarks
+and the tests."""
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Callable, Dict, Iterable
 
@@ -54,3 +56,23 @@ class CopyLimit:
 
     def seconds(self, repeat: int) -> float:
         return best_time(self, repeat, self.device)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so +0 differs from -0), NaNs at the same places counting as equal."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return False
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    return torch.equal(a[~nan_a].view(ints), b[~nan_b].view(ints))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark records)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

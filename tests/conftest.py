@@ -14,6 +14,7 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedmerge  # noqa: E402
+from fusedmerge.perf import same_bits  # noqa: E402,F401 — the tests' bit-for-bit comparison
 from fusedmerge.synthetic import clip_vit_models  # noqa: E402
 
 STATUS = fusedmerge.backends()
@@ -70,17 +71,6 @@ def assert_dicts_equal(got, want):
         assert got[key].dtype == want[key].dtype, key
         assert got[key].shape == want[key].shape, key
         assert torch.equal(got[key], want[key]), f"{key}: max diff {(got[key].double() - want[key].double()).abs().max()}"
-
-
-def same_bits(a, b):
-    """Equal bit patterns (so +0 differs from -0), NaNs at the same places counting as equal."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return False
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
-    return torch.equal(a[~nan_a].view(ints), b[~nan_b].view(ints))
 
 
 def tiny_clip_modules(n: int, seed: int = 0):

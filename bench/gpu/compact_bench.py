@@ -46,14 +46,6 @@ def parse_args(argv=None):
     return a
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -64,6 +56,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":  # the Triton kernels run on CPU tensors only under the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import fusedmerge
+    from fusedmerge.perf import cpu_name
 
     status = fusedmerge.backends()
     backends = ["torch"] + [n for n in ("cuda", "triton", "cpu") if status[n].available and device.type in status[n].devices]
@@ -112,7 +105,7 @@ def bench_config(report, args, device, backends, model, dname, base32, models32)
     import torch
 
     import fusedmerge
-    from fusedmerge.perf import CopyLimit, merge_bytes
+    from fusedmerge.perf import CopyLimit, merge_bytes, same_bits
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dname]
     base = {k: v.to(dtype) for k, v in base32.items()}
@@ -177,19 +170,6 @@ def build_models(model, n, device):
     with ThreadPoolExecutor(max(1, min(n, os.cpu_count() or 1))) as pool:
         models = list(pool.map(variant, range(n)))
     return {k: v.to(device) for k, v in base.items()}, models
-
-
-def same_bits(a, b) -> bool:
-    """Equal bit patterns, NaNs at the same places counting as equal (as tests/conftest.py's same_bits)."""
-    import torch
-
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return False
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
-    return torch.equal(a[~nan_a].view(ints), b[~nan_b].view(ints))
 
 
 def _version(module: str):
