@@ -72,6 +72,7 @@ DEFAULT_BUDGET = "256MiB"
 def merge(args) -> int:
     from .checkpoint import config as merge_config
     from .checkpoint.merge import Options, run
+    from .checkpoint.outdir import Interrupted
     from .checkpoint.safetensors import CheckpointError
 
     try:
@@ -97,6 +98,10 @@ def merge(args) -> int:
             OSError) as e:
         print(f"fusedmerge merge: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, merge_config.ConfigError) else 1
+    except Interrupted as e:
+        print(f"fusedmerge merge: stopped by {e}; nothing was written to {args.out_dir} and the temporary "
+              "directory was removed", file=sys.stderr)
+        return 128 + e.signum
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"merged into {args.out_dir} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

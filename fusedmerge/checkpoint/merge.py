@@ -6,16 +6,15 @@ by one rank (balanced by bytes). A rank streams its keys in groups of at most ha
 one group is merged and written, the next one's pages are read (a prefetch thread behind madvise
 WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is written. Shards are
 written as they fill, into a temporary directory beside OUT_DIR that is renamed to OUT_DIR only when every
-rank has finished; a failure anywhere removes it and says why.
+rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes it and says why
+(checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from .config import MergeConfig
 from .model_dir import ModelDir
+from .outdir import Signals, Workspace, clean_stale, refuse_inputs
 from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
 from .safetensors import CheckpointError
 
@@ -142,15 +142,6 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
 
 
-def _finish(tmp: str, out_dir: str) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result gets the usual permissions
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"the disk is full ({e.filename or 'writing the output'})"
@@ -160,32 +151,37 @@ def _describe(e: BaseException) -> str:
 def run(cfg: MergeConfig, out_dir: str, opts: Options) -> None:
     """Merge as `cfg` says into `out_dir` (see the module docstring)."""
     out_dir = os.path.abspath(out_dir)
-    dist = Distributed(opts.device)
-    try:
-        _run(cfg, out_dir, opts, dist)
-    finally:
-        dist.close()
+    with Signals() as signals:
+        dist = Distributed(opts.device)
+        try:
+            _run(cfg, out_dir, opts, dist, signals)
+        finally:
+            dist.close()
 
 
-def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> None:
-    tmp, refused = None, None
+def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signals: Signals) -> None:
+    """Rank 0 checks OUT_DIR, cleans up after killed runs into it and creates the workspace, which only it
+    removes; every rank learns of a refusal (none waits forever)."""
+    work, refused = None, None
     if dist.rank == 0:
         try:
+            refuse_inputs(out_dir, ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models])
+            clean_stale(out_dir)
             _prepare_out_dir(out_dir, opts.overwrite)
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.fusedmerge-", dir=os.path.dirname(out_dir))
+            work = Workspace(out_dir)
         except OSError as e:
             refused = str(e)
-    tmp, refused = dist.broadcast((tmp, refused))  # every rank learns of a refusal: none waits forever
-    if refused:
-        raise FileExistsError(refused)
     try:
-        _merge(cfg, out_dir, opts, dist, tmp)
+        tmp, refused = dist.broadcast((work.tmp if work else None, refused))
+        if refused:
+            raise FileExistsError(refused)
+        _merge(cfg, out_dir, opts, dist, tmp, lambda: work.replace(signals))
     finally:
-        if dist.rank == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if work is not None:
+            work.close()
 
 
-def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str) -> None:
+def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str, finish) -> None:
     """Every rank opens, checks and merges its part; errors are gathered (so no rank waits for one that
     left), and rank 0 completes the directory only when every rank succeeded."""
     dirs: List[ModelDir] = []
@@ -205,7 +201,7 @@ def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp
             write_index(tmp, plan)
             copy_model_files(reference.path, tmp)
             write_model_card(tmp, cfg, plan)
-            _finish(tmp, out_dir)
+            finish()
     finally:
         for d in dirs:
             d.close()
