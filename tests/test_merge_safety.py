@@ -215,3 +215,40 @@ def test_only_directories_proven_stale_are_removed(models, tmp_path):
         assert lock.exists() and (tmp_path / lock.name[:-5]).is_dir()
     assert (tmp_path / ".out.fusedmerge-zzzz").is_dir()
 
+
+def _append(path):
+    with open(path, "ab") as f:
+        f.write(b"\0" * 8)
+
+
+def _touch(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _replace(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(f"{path}.new", "wb") as f:
+        f.write(data)
+    os.replace(f"{path}.new", path)
+
+
+@pytest.mark.parametrize("change, message", [(_append, "changed size"), (_touch, "was modified"),
+                                             (_replace, "was replaced")], ids=["grown", "rewritten", "replaced"])
+def test_an_input_changed_during_the_merge_is_detected(models, tmp_path, monkeypatch, capsys, change, message):
+    root, cfg = models
+    shard = sorted((root / "m1").glob("*.safetensors"))[0]
+    write, calls = output.ShardWriter.write, []
+
+    def changing_write(self, key, t):
+        calls.append(key)
+        if len(calls) == 2:
+            change(shard)
+        return write(self, key, t)
+
+    monkeypatch.setattr(output.ShardWriter, "write", changing_write)
+    assert merge(cfg, tmp_path / "out", "--memory-budget", "1KB") == 1
+    err = capsys.readouterr().err
+    assert f"{shard} {message}" in err and "while being merged" in err
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()

@@ -91,12 +91,18 @@ def _touch(dirs: Sequence[ModelDir], keys: Sequence[str]) -> None:
     """Read and map the group's pages now (in the prefetch thread) so that the merge finds them in memory;
     by touching one byte per page where the kernel cannot populate a range itself."""
     for d in dirs:
+        d.check_unchanged()  # a truncated file's pages would end the process with SIGBUS
         if d.prefetch(keys):
             continue
         for k in keys:
             t = d.tensor(k)
             if t.numel():
                 t.reshape(-1).view(torch.uint8)[:: 4096].sum()
+
+
+def _check_unchanged(dirs: Sequence[ModelDir]) -> None:
+    for d in dirs:
+        d.check_unchanged()
 
 
 class Distributed:
@@ -244,6 +250,7 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
             pending = pool.submit(_touch, dirs, groups[0]) if groups else None
             for i, group in enumerate(groups):
                 pending.result()
+                _check_unchanged(dirs)
                 if i + 1 < len(groups):
                     pending = pool.submit(_touch, dirs, groups[i + 1])
                 sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
@@ -256,6 +263,7 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
                 for d in dirs:
                     d.release(group)
                 progress.update(len(group), sum(plan.nbytes(k) for k in group))
+                _check_unchanged(dirs)
     except BaseException:
         writer.close(failed=True)
         raise
