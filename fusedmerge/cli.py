@@ -78,10 +78,10 @@ def merge(args) -> int:
     try:
         cfg = merge_config.load(args.config)
         if args.seed is not None:
-            cfg.seed = args.seed
+            cfg.seed = merge_config.check_seed(args.seed, "--seed")
         if args.shard_size is not None:
-            cfg.shard_size = merge_config.parse_size(args.shard_size)
-        budget = merge_config.parse_size(args.memory_budget)
+            cfg.shard_size = merge_config.parse_size(args.shard_size, "--shard-size")
+        budget = merge_config.parse_size(args.memory_budget, "--memory-budget")
         try:
             device = torch.device(args.device)
         except RuntimeError:

@@ -33,6 +33,8 @@ def real(value, arg: str) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{arg} must be a real number, got {value!r}") from None
+    except OverflowError:
+        raise ValueError(f"{arg} must be finite, got an integer beyond the float range") from None
     if not math.isfinite(value):
         raise ValueError(f"{arg} must be finite, got {value}")
     return value
@@ -87,6 +89,8 @@ def numbers(value, arg: str) -> Tuple[float, ...]:
         return tuple(float(x) for x in value)
     except (TypeError, ValueError):
         raise TypeError(f"{arg} must be a sequence of numbers, got {value!r}") from None
+    except OverflowError:
+        raise ValueError(f"{arg} must be finite, got an integer beyond the float range") from None
 
 
 def optional_numbers(value, arg: str) -> Optional[Tuple[float, ...]]:
