@@ -215,16 +215,20 @@ def prepare(forms: Forms, base: Optional[StateDict], out_dtype, out: Optional[St
 
 @torch.no_grad()
 def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[List["Slot"]], List[Terms]]],
-                 base: Optional[StateDict], out_dtype, backend: str, out: Optional[StateDict] = None) -> StateDict:
+                 base: Optional[StateDict], out_dtype, backend: str, out: Optional[StateDict] = None,
+                 arg: str = "coefficients") -> StateDict:
     """Every floating key becomes one job of a single multi-tensor launch; see reference.combine_reference.
     `terms` is one list of coefficients for every key, or a function of the keys to merge (Slots) giving
-    each one's Terms. With `out`, results are written into its tensors (which may be the inputs' own, as in
-    an in-place merge)."""
+    each one's Terms; `arg` names the user's argument they come from, for the refusal of a coefficient that
+    is not finite in the accumulation dtype. With `out`, results are written into its tensors (which may be
+    the inputs' own, as in an in-place merge)."""
     merged, slots = prepare(forms, base, out_dtype, out)
     all_terms = terms(slots) if callable(terms) else [Terms(list(terms))] * len(slots)
     jobs: Dict[torch.device, List[CombineJob]] = {}
     for slot, t in zip(slots, all_terms):
         job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys)
+        if slot.out.numel():
+            options.finite_coefficients(job.coeffs, job.acc_dtype, arg)
         jobs.setdefault(slot.out.device, []).append(job)
     for device_jobs in jobs.values():
         dispatch.run("combine", device_jobs, backend)

@@ -72,15 +72,16 @@ DEFAULT_BUDGET = "256MiB"
 def merge(args) -> int:
     from .checkpoint import config as merge_config
     from .checkpoint.merge import Options, run
+    from .checkpoint.outdir import Interrupted
     from .checkpoint.safetensors import CheckpointError
 
     try:
         cfg = merge_config.load(args.config)
         if args.seed is not None:
-            cfg.seed = args.seed
+            cfg.seed = merge_config.check_seed(args.seed, "--seed")
         if args.shard_size is not None:
-            cfg.shard_size = merge_config.parse_size(args.shard_size)
-        budget = merge_config.parse_size(args.memory_budget)
+            cfg.shard_size = merge_config.parse_size(args.shard_size, "--shard-size")
+        budget = merge_config.parse_size(args.memory_budget, "--memory-budget")
         try:
             device = torch.device(args.device)
         except RuntimeError:
@@ -97,6 +98,10 @@ def merge(args) -> int:
             OSError) as e:
         print(f"fusedmerge merge: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, merge_config.ConfigError) else 1
+    except Interrupted as e:
+        print(f"fusedmerge merge: stopped by {e}; nothing was written to {args.out_dir} and the temporary "
+              "directory was removed", file=sys.stderr)
+        return 128 + e.signum
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"merged into {args.out_dir} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +34,8 @@ def real(value, arg: str) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{arg} must be a real number, got {value!r}") from None
+    except OverflowError:
+        raise ValueError(f"{arg} must be finite, got an integer beyond the float range") from None
     if not math.isfinite(value):
         raise ValueError(f"{arg} must be finite, got {value}")
     return value
@@ -87,6 +90,8 @@ def numbers(value, arg: str) -> Tuple[float, ...]:
         return tuple(float(x) for x in value)
     except (TypeError, ValueError):
         raise TypeError(f"{arg} must be a sequence of numbers, got {value!r}") from None
+    except OverflowError:
+        raise ValueError(f"{arg} must be finite, got an integer beyond the float range") from None
 
 
 def optional_numbers(value, arg: str) -> Optional[Tuple[float, ...]]:
@@ -109,6 +114,19 @@ def count_weights(weights: Optional[Sequence[float]], n: int, normalise: bool, a
             raise ValueError(f"{arg} sum to zero and cannot be normalised: {w}")
         w = [x / total for x in w]
     return w
+
+
+def finite_coefficients(coeffs: Sequence[float], acc_dtype: torch.dtype, arg: str) -> None:
+    """Refuse coefficients that are not finite once rounded to the accumulation dtype (fp32 or fp64): they
+    would turn the result into inf or NaN (inf·0) silently. `arg` names the user's argument(s)."""
+    for i, c in enumerate(coeffs):
+        try:
+            finite = math.isfinite(c) and (acc_dtype == torch.float64 or bool(struct.pack("<f", float(c))))
+        except OverflowError:  # struct refuses exactly the values that round to ±inf in fp32
+            finite = False
+        if not finite:
+            raise ValueError(f"{arg}: the coefficient of input {i} is {c!r}, which is not finite in {acc_dtype} "
+                             "(the accumulation dtype); it would make the result inf or NaN")
 
 
 def out_dtype(value) -> Optional[torch.dtype]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -30,6 +31,8 @@ from ..options import ConfigError
 METHODS = tuple(CONFIG_METHODS)
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "fusedmerge"}
 FUSEDMERGE_KEYS = {"shard_size"}
+MAX_SIZE = 2**63  # bytes
+MAX_TEXT, MAX_NODES = 1 << 20, 10_000  # a configuration's characters, and its YAML nodes with aliases expanded
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -79,10 +82,17 @@ class MergeConfig:
         return GroupCall(base, models, weights, densities, self.params, self.seed, self.out_dtype, backend, name)
 
 
-def parse_size(text) -> int:
-    """'2GB', '512MiB', '1.5G', 1000000 → bytes."""
+def show(value) -> str:
+    """A value for a message: its repr, shortened."""
+    return reprlib.repr(value)
+
+
+def parse_size(text, where: str = "size") -> int:
+    """'2GB', '512MiB', '1.5G', 1000000 → bytes; `where` names the key or option in errors."""
+    refused = ConfigError(f"{where}: cannot read the size {show(text)}; write e.g. 512MB, 2GB or 1.5GiB "
+                          "(at most 2**63 bytes)")
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
+        value, unit = text, ""
     else:
         s = str(text).strip().upper().replace(" ", "")
         num = s.rstrip("KMGTIB")
@@ -90,25 +100,31 @@ def parse_size(text) -> int:
         try:
             value = float(num)
         except ValueError:
-            raise ConfigError(f"cannot read the size {text!r}; write e.g. 512MB, 2GB or 1.5GiB") from None
+            raise refused from None
     scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
              "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}.get(unit)
-    if scale is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"cannot read the size {text!r}; write e.g. 512MB, 2GB or 1.5GiB")
-    return int(value * scale)
+    if scale is None or not 0 < value < MAX_SIZE or not math.isfinite(value * scale) or value * scale >= MAX_SIZE:
+        raise refused
+    return int(float(value) * scale)
+
+
+def check_seed(seed, where: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise ConfigError(f"{where} must be a 64-bit integer, got {show(seed)}")
+    return seed
 
 
 def _unknown(keys, allowed, where: str) -> None:
-    extra = sorted(set(keys) - set(allowed))
+    extra = sorted(map(show, set(keys) - set(allowed)))
     if extra:
-        raise ConfigError(f"{where}: unsupported key(s) {extra}; supported: {sorted(allowed)}")
+        raise ConfigError(f"{where}: unsupported key(s) {', '.join(extra)}; supported: {sorted(allowed)}")
 
 
 def _path(value, where: str, root: str) -> str:
     if isinstance(value, dict):
         value = value.get("model", value)
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a model directory path, got {value!r} (LoRA and hub models are not supported)")
+        raise ConfigError(f"{where}: expected a model directory path, got {show(value)} (LoRA and hub models are not supported)")
     if "+" in value:
         raise ConfigError(f"{where}: {value!r} looks like a model+LoRA reference, which is not supported")
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
@@ -122,7 +138,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     _unknown(data, TOP_KEYS, "configuration")
     method = data.get("merge_method")
     if not isinstance(method, str) or method not in CONFIG_METHODS:
-        raise ConfigError(f"merge_method {method!r} is not supported; fusedmerge implements {list(METHODS)}")
+        raise ConfigError(f"merge_method {show(method)} is not supported; fusedmerge implements {list(METHODS)}")
     spec = CONFIG_METHODS[method]
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -131,7 +147,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     for i, item in enumerate(models_raw):
         where = f"models[{i}]"
         if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected a mapping with a 'model' key, got {item!r}")
+            raise ConfigError(f"{where}: expected a mapping with a 'model' key, got {show(item)}")
         _unknown(item, {"model", "parameters"}, where)
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
@@ -161,33 +177,69 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+            raise ConfigError(f"dtype {show(dtype)} is not supported; choose one of {sorted(DTYPES)}")
         cfg.out_dtype = DTYPES[dtype]
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    cfg.seed = seed
+    cfg.seed = check_seed(data.get("seed", 0))
     own = data.get("fusedmerge") or {}
     if not isinstance(own, dict):
         raise ConfigError("fusedmerge must be a mapping of fusedmerge's options")
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")
     if "shard_size" in own:
-        cfg.shard_size = parse_size(own["shard_size"])
+        cfg.shard_size = parse_size(own["shard_size"], "fusedmerge.shard_size")
     if spec.check is not None:  # refuse what the method cannot carry out now, before any work
         spec.check([m.params for m in models])
     return cfg
 
 
 def load(path: str) -> MergeConfig:
-    """Read and check a YAML configuration file."""
+    """Read and check a YAML configuration file (bounded: see read_yaml)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_TEXT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the configuration ({getattr(e, 'strerror', None) or e})") from None
+    return parse(read_yaml(text, path), root=os.getcwd(), text=text)
+
+
+def read_yaml(text: str, what: str = "configuration"):
+    """A YAML document, refused at once (before anything is built) when it is longer than MAX_TEXT
+    characters, nests too deep, or has more than MAX_NODES nodes once its aliases are expanded (an alias
+    bomb) or a recursive alias."""
     import yaml
 
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"{what}: longer than {MAX_TEXT} characters; a merge configuration is much smaller")
+    loader = yaml.SafeLoader(text)
     try:
-        with open(path) as f:
-            text = f.read()
-        data = yaml.safe_load(text)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, what) > MAX_NODES:
+            raise ConfigError(f"{what}: more than {MAX_NODES} YAML nodes once aliases are expanded; refused")
+        return None if node is None else loader.construct_document(node)
+    except ConfigError:
+        raise
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse(data, root=os.getcwd(), text=text)
+        raise ConfigError(f"{what}: not valid YAML ({e})") from None
+    except (RecursionError, ValueError) as e:  # deep nesting; integers of more than 4300 digits
+        raise ConfigError(f"{what}: cannot be read ({type(e).__name__}: {show(str(e))})") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(root, what: str) -> int:
+    """How many nodes the YAML graph at `root` has as a tree (aliases expanded), counted without
+    expanding it; above MAX_NODES the count stops there. Raises ConfigError on a recursive alias."""
+    sizes, path, stack = {}, set(), [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = [n for pair in node.value for n in (pair if isinstance(pair, tuple) else (pair,))] \
+            if isinstance(node.value, list) else []
+        if done:
+            path.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_NODES + 1)
+        elif id(node) in path:
+            raise ConfigError(f"{what}: a recursive YAML alias; refused")
+        elif id(node) not in sizes:
+            path.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return sizes[id(root)]

@@ -6,16 +6,15 @@ by one rank (balanced by bytes). A rank streams its keys in groups of at most ha
 one group is merged and written, the next one's pages are read (a prefetch thread behind madvise
 WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is written. Shards are
 written as they fill, into a temporary directory beside OUT_DIR that is renamed to OUT_DIR only when every
-rank has finished; a failure anywhere removes it and says why.
+rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes it and says why
+(checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from .config import MergeConfig
 from .model_dir import ModelDir
+from .outdir import Signals, Workspace, clean_stale, refuse_inputs
 from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
 from .safetensors import CheckpointError
 
@@ -91,12 +91,18 @@ def _touch(dirs: Sequence[ModelDir], keys: Sequence[str]) -> None:
     """Read and map the group's pages now (in the prefetch thread) so that the merge finds them in memory;
     by touching one byte per page where the kernel cannot populate a range itself."""
     for d in dirs:
+        d.check_unchanged()  # a truncated file's pages would end the process with SIGBUS
         if d.prefetch(keys):
             continue
         for k in keys:
             t = d.tensor(k)
             if t.numel():
                 t.reshape(-1).view(torch.uint8)[:: 4096].sum()
+
+
+def _check_unchanged(dirs: Sequence[ModelDir]) -> None:
+    for d in dirs:
+        d.check_unchanged()
 
 
 class Distributed:
@@ -142,15 +148,6 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
 
 
-def _finish(tmp: str, out_dir: str) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result gets the usual permissions
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"the disk is full ({e.filename or 'writing the output'})"
@@ -160,32 +157,37 @@ def _describe(e: BaseException) -> str:
 def run(cfg: MergeConfig, out_dir: str, opts: Options) -> None:
     """Merge as `cfg` says into `out_dir` (see the module docstring)."""
     out_dir = os.path.abspath(out_dir)
-    dist = Distributed(opts.device)
-    try:
-        _run(cfg, out_dir, opts, dist)
-    finally:
-        dist.close()
+    with Signals() as signals:
+        dist = Distributed(opts.device)
+        try:
+            _run(cfg, out_dir, opts, dist, signals)
+        finally:
+            dist.close()
 
 
-def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed) -> None:
-    tmp, refused = None, None
+def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signals: Signals) -> None:
+    """Rank 0 checks OUT_DIR, cleans up after killed runs into it and creates the workspace, which only it
+    removes; every rank learns of a refusal (none waits forever)."""
+    work, refused = None, None
     if dist.rank == 0:
         try:
+            refuse_inputs(out_dir, ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models])
+            clean_stale(out_dir)
             _prepare_out_dir(out_dir, opts.overwrite)
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.fusedmerge-", dir=os.path.dirname(out_dir))
+            work = Workspace(out_dir)
         except OSError as e:
             refused = str(e)
-    tmp, refused = dist.broadcast((tmp, refused))  # every rank learns of a refusal: none waits forever
-    if refused:
-        raise FileExistsError(refused)
     try:
-        _merge(cfg, out_dir, opts, dist, tmp)
+        tmp, refused = dist.broadcast((work.tmp if work else None, refused))
+        if refused:
+            raise FileExistsError(refused)
+        _merge(cfg, out_dir, opts, dist, tmp, lambda: work.replace(signals))
     finally:
-        if dist.rank == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if work is not None:
+            work.close()
 
 
-def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str) -> None:
+def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp: str, finish) -> None:
     """Every rank opens, checks and merges its part; errors are gathered (so no rank waits for one that
     left), and rank 0 completes the directory only when every rank succeeded."""
     dirs: List[ModelDir] = []
@@ -205,7 +207,7 @@ def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp
             write_index(tmp, plan)
             copy_model_files(reference.path, tmp)
             write_model_card(tmp, cfg, plan)
-            _finish(tmp, out_dir)
+            finish()
     finally:
         for d in dirs:
             d.close()
@@ -248,6 +250,7 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
             pending = pool.submit(_touch, dirs, groups[0]) if groups else None
             for i, group in enumerate(groups):
                 pending.result()
+                _check_unchanged(dirs)
                 if i + 1 < len(groups):
                     pending = pool.submit(_touch, dirs, groups[i + 1])
                 sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
@@ -260,6 +263,7 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
                 for d in dirs:
                     d.release(group)
                 progress.update(len(group), sum(plan.nbytes(k) for k in group))
+                _check_unchanged(dirs)
     except BaseException:
         writer.close(failed=True)
         raise

@@ -4,14 +4,13 @@ that runs code. Shard names must stay inside the directory."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .safetensors import CheckpointError, Entry, SafetensorsFile, element_size
+from .safetensors import CheckpointError, Entry, SafetensorsFile, element_size, parse_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -29,14 +28,16 @@ def _inside(directory: str, name: str) -> str:
 
 
 def _weight_map(directory: str, index_name: str) -> Dict[str, str]:
+    """The index's weight_map: tensor names → shard file names, strictly (strings only)."""
     path = os.path.join(directory, index_name)
     try:
-        with open(path) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable index ({e!r})") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{path}: weight_map must map tensor names to shard files")
+        with open(path, "rb") as f:
+            index = parse_json(f.read(), f"{path}: index")
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable index ({e.strerror or e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: weight_map must map tensor names to shard file names")
     return weight_map
 
 
@@ -59,6 +60,8 @@ class ModelDir:
                 self._open_bins()
             else:
                 raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
+            if not self.where:
+                raise CheckpointError(f"{path}: the checkpoint holds no tensors")
         except BaseException:
             self.close()
             raise
@@ -123,6 +126,14 @@ class ModelDir:
     def release(self, keys: Sequence[str]) -> None:
         for file, names in self._by_file(keys).items():
             self._files[file].release(names)
+
+    def check_unchanged(self) -> None:
+        """Fail if a file being merged was modified, resized or replaced since it was opened (checked
+        between groups: a file truncated while its pages are read still ends the process with SIGBUS)."""
+        for f in self._files.values():
+            how = f.changed()
+            if how:
+                raise CheckpointError(f"{f.path} {how} while being merged; the merge is abandoned")
 
     def close(self) -> None:
         for f in self._files.values():

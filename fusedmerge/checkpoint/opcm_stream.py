@@ -21,8 +21,10 @@ def merge_opcm(cfg, base: ModelDir, models: List[ModelDir], plan: ShardPlan, dir
     load = lambda d: {k: d.tensor(k).to(opts.device) for k in keys}  # noqa: E731
     merger = ContinualMerger(load(base), cfg.param("alpha"), variant=cfg.param("variant"),
                              skip_nonleaf=cfg.param("skip_nonleaf"), backend=opts.backend)
+    base.check_unchanged()
     for m in models:
         merger.add(load(m))
+        m.check_unchanged()
         m.release(keys)
     merged = merger.merged(out_dtype=cfg.out_dtype)
     writer = ShardWriter(plan, directory, 0)

@@ -14,9 +14,11 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +27,10 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 CODES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20
+MAX_HEADER = 100_000_000  # the `safetensors` package's limit
+MAX_DEPTH = 16  # JSON nesting: a header is 3 deep, an index 2
+NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^][{}"]+')  # strings, and runs of everything but brackets
+BRACKETS = str.maketrans("{[}]", "\x01\x01\xff\xff", '"')  # +1 and -1 as signed bytes
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
@@ -52,47 +57,112 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_header(path: str) -> Tuple[Dict[str, Entry], Dict[str, str]]:
-    """Entries and metadata of a safetensors file, checked against its size."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes, what: str):
+    """Strict JSON, as the `safetensors` package (serde_json) reads it: UTF-8, no NaN or Infinity, strings
+    without lone surrogates, objects without duplicate keys, nesting at most MAX_DEPTH deep (checked before
+    parsing). Raises CheckpointError naming `what`."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated (no safetensors header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: header size {n} does not fit the file ({size} bytes): "
-                                      "truncated or not safetensors")
-            raw = json.loads(f.read(n))
+        text = raw.decode("utf-8")
+        steps = NESTING.sub("", text).translate(BRACKETS).encode("latin-1")
+        depth = max(accumulate(memoryview(steps).cast("b")), default=0)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested {depth} deep, more than {MAX_DEPTH}")
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object, parse_int=_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
+        raise CheckpointError(f"{what}: corrupt JSON ({e})") from None
+
+
+def _int(text: str):
+    return -0.0 if text == "-0" else int(text)  # serde_json reads -0 as a float
+
+
+def _object(pairs):
+    out = {}
+    for key, value in pairs:
+        _valid_text(key)
+        if isinstance(value, str):
+            _valid_text(value)
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _valid_text(s: str) -> None:
+    s.encode("utf-8")  # a lone surrogate (an escape such as \\ud800) raises UnicodeEncodeError
+
+
+def _u64(value, bits: int = 64) -> bool:
+    return type(value) is int and 0 <= value < 1 << bits
+
+
+def read_header(path: str, f=None) -> Tuple[Dict[str, Entry], Dict[str, str]]:
+    """Entries and metadata of a safetensors file (read from `f`, the file opened in binary mode, if given),
+    checked as the format requires: JSON types exactly (integers, not floats or bools), offsets that tile
+    the data section from 0 to the end of the file, sizes that match dtype and shape. Anything else is a
+    CheckpointError naming the file."""
+    try:
+        if f is None:
+            with open(path, "rb") as f:
+                return read_header(path, f)
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{path}: header size {n} does not fit the file ({size} bytes): "
+                                  "truncated or not safetensors")
+        raw = parse_json(f.read(n), f"{path}: safetensors header")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     entries: Dict[str, Entry] = {}
     data_start = 8 + n
     for name, spec in raw.items():
-        if isinstance(spec, dict) and spec.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {spec.get('dtype')!r}, which fusedmerge does not "
-                                  f"read (supported: {sorted(DTYPES)})")
-        try:
-            dtype = DTYPES[spec["dtype"]]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry ({e!r})") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end:
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape or byte range")
-        if end - begin != math.prod(shape) * element_size(dtype):
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {spec['dtype']}")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
-                                  f"the file has {size}")
-        entries[name] = Entry(dtype, shape, data_start + begin, data_start + end)
+        entries[name] = _entry(path, name, spec, data_start)
+    end = data_start
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {e.begin - data_start} of the data, "
+                                  f"expected {end - data_start}: the tensors must tile the data without gaps or overlaps")
+        end = e.end
+    if end != size:
+        what = "truncated" if end > size else "has bytes after the last tensor"
+        raise CheckpointError(f"{path}: {what}: the tensors end at byte {end}, the file has {size}")
     return entries, metadata
+
+
+def _entry(path: str, name: str, spec, data_start: int) -> Entry:
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+        raise CheckpointError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets, got {spec!r:.200}")
+    code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r:.100}, which fusedmerge does not "
+                              f"read (supported: {sorted(DTYPES)})")
+    if not isinstance(shape, list) or not all(_u64(d, 63) for d in shape):  # torch's sizes are int64
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r:.100}: expected a list of integers "
+                              "from 0 to 2**63 - 1")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(x) for x in offsets) \
+            or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r:.100}: expected [begin, end], "
+                              "integers with 0 ≤ begin ≤ end")
+    begin, end = offsets
+    dtype = DTYPES[code]
+    nbytes = math.prod(shape) * element_size(dtype)
+    if nbytes >= 1 << 64 or end - begin != nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {tuple(shape)} {code}")
+    return Entry(dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 class SafetensorsFile:
@@ -100,10 +170,31 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.entries, self.metadata = read_header(path)
-        self._file = open(path, "rb")
-        size = os.path.getsize(path)
-        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        try:
+            self._file = open(path, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+        try:
+            self.stat = os.fstat(self._file.fileno())
+            self.entries, self.metadata = read_header(path, self._file)
+            self._map = mmap.mmap(self._file.fileno(), self.stat.st_size, access=mmap.ACCESS_COPY)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def changed(self) -> Optional[str]:
+        """How the file at `path` differs from the one mapped (replaced, resized, modified), or None."""
+        try:
+            now = os.stat(self.path)
+        except OSError as e:
+            return f"cannot be read any more ({e.strerror or e})"
+        if (now.st_dev, now.st_ino) != (self.stat.st_dev, self.stat.st_ino):
+            return "was replaced by another file"
+        if now.st_size != self.stat.st_size:
+            return f"changed size from {self.stat.st_size} to {now.st_size} bytes"
+        if now.st_mtime_ns != self.stat.st_mtime_ns:
+            return "was modified"
+        return None
 
     def tensor(self, name: str) -> torch.Tensor:
         e = self.entries[name]

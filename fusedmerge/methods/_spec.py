@@ -6,6 +6,7 @@ FusionBench classes, the torch custom ops, the generic backend test) reads these
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,18 +29,23 @@ class Param:
     doc: str = ""
 
     def check(self, value, where: str):
+        shown = reprlib.repr(value)
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise ConfigError(f"{where} must be true or false, got {value!r}")
+                raise ConfigError(f"{where} must be true or false, got {shown}")
             return value
         if self.kind == "choice":
-            if value not in self.choices:
-                raise ConfigError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+            if not isinstance(value, str) or value not in self.choices:
+                raise ConfigError(f"{where} must be one of {list(self.choices)}, got {shown}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r} (per-tensor parameter lists are not supported)")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where} must be finite, got {value}")
+            raise ConfigError(f"{where} must be a number, got {shown} (per-tensor parameter lists are not supported)")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond every float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{where} must be finite, got {shown}")
         if self.kind == "fraction" and not 0 < value <= 1:
             raise ConfigError(f"{where} is the kept fraction and must be in (0, 1], got {value}")
         return float(value)

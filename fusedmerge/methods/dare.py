@@ -96,7 +96,7 @@ def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, s
         return out_terms
 
     out_dict = gather_like(out, forms, "out") if out is not None else None
-    return forms.wrap(merge_linear(forms, terms, base_dict, o.out_dtype, backend, out_dict), out)
+    return forms.wrap(merge_linear(forms, terms, base_dict, o.out_dtype, backend, out_dict, "scaling·weights"), out)
 
 
 def l1_factor(buckets: torch.Tensor) -> float:

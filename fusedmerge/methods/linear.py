@@ -43,7 +43,7 @@ def average(inputs, weights: Optional[Sequence[float]] = None, *, out_dtype: Opt
     forms = gather(inputs)
     coeffs = opt.count_weights(o.weights, len(forms.dicts), normalise=True)
     out_dict = gather_like(out, forms, "out") if out is not None else None
-    return forms.wrap(merge_linear(forms, coeffs, None, o.out_dtype, backend, out_dict), out)
+    return forms.wrap(merge_linear(forms, coeffs, None, o.out_dtype, backend, out_dict, "weights"), out)
 
 
 def weighted_sum(inputs, coeffs: Sequence[float], *, out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
@@ -52,7 +52,7 @@ def weighted_sum(inputs, coeffs: Sequence[float], *, out_dtype: Optional[torch.d
     o = LinearOptions(coeffs, out_dtype)
     forms = gather(inputs)
     w = opt.count_weights(o.weights, len(forms.dicts), normalise=False, arg="weights")
-    return forms.wrap(merge_linear(forms, w, None, o.out_dtype, backend))
+    return forms.wrap(merge_linear(forms, w, None, o.out_dtype, backend, arg="coeffs"))
 
 
 # --- peers --------------------------------------------------------------------------------------------------

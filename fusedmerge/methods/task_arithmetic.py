@@ -39,7 +39,7 @@ def task_arithmetic(base, inputs, scaling: float = 1.0, *, weights: Optional[Seq
     base_dict = gather_like(base, forms, "base")
     coeffs = [o.scaling * w for w in opt.count_weights(o.weights, len(forms.dicts), normalise=False)]
     out_dict = gather_like(out, forms, "out") if out is not None else None
-    return forms.wrap(merge_linear(forms, coeffs, base_dict, o.out_dtype, backend, out_dict), out)
+    return forms.wrap(merge_linear(forms, coeffs, base_dict, o.out_dtype, backend, out_dict, "scaling·weights"), out)
 
 
 # --- peers --------------------------------------------------------------------------------------------------

@@ -122,6 +122,9 @@ def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights:
             spec.ks = [[n] * len(w) for n in scope_sizes]
             spec.keys = None
     jobs = [CombineJob(slot.out, slot.inputs, w, slot.base) for slot in slots]
+    for acc_dtype in {job.acc_dtype for job in jobs}:
+        opt.finite_coefficients(w, acc_dtype, "weights")
+        opt.finite_coefficients([o.scaling], acc_dtype, "scaling")
     dispatch.run("ties", jobs, backend, spec)
     return forms.wrap(merged, out)
 
