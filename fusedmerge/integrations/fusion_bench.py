@@ -11,6 +11,7 @@ FusionBench's own, usable through ``_target_`` in a method YAML or directly with
     FusedTiesMerging(scaling_factor, threshold, remove_keys, merge_func)  TiesMergingAlgorithm
     FusedDareTies(sparsity_ratio, only_on_linear_weights, rescale, scaling_factor, threshold, remove_keys, merge_func)
     FusedSlerpMerge(t, DOT_THRESHOLD=0.9995, epsilon=1e-8)                SlerpMergeAlgorithm
+    FusedModelStock(ignore_keys=None, model_save_path=None, model_save_kwargs=None)   ModelStock
     FusedOPCM(alpha, shuffle_order=True, seed=None, save_on_every_step=True, evaluate_on_every_step=False)
 
 Every class also takes ``backend`` (fusedmerge's), the DARE ones ``seed`` (masks keyed by seed, model

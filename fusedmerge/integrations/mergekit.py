@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 
 import torch
 from mergekit.merge_methods import registry
-from mergekit.merge_methods.base import BatchedMergeMethod, TensorBatch, TensorGroup
+from mergekit.merge_methods.base import BatchedMergeMethod, FunctionalGroupMergeMethod, TensorBatch, TensorGroup
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
 from ..methods import CONFIG_METHODS, GroupCall
@@ -62,6 +62,19 @@ def _fused_batched(original: BatchedMergeMethod, target: str, method) -> Batched
     return BatchedMergeMethod(dataclasses.replace(original.spec, name=target), fused)
 
 
+def _fused_group(original: FunctionalGroupMergeMethod, target: str, method, seed: int) -> FunctionalGroupMergeMethod:
+    """mergekit's one-group-at-a-time method (its parameters, contract and policies) carried out by
+    `method.merge` on the group's tensors."""
+
+    def fused(group: TensorGroup, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        call = GroupCall(base, [e.tensor for e in group.non_base], [], [], parameters, seed, base.dtype, "auto",
+                         group.metadata.name or "tensor")
+        return method.merge(call)
+
+    return FunctionalGroupMergeMethod(dataclasses.replace(original.spec, name=target), fused)
+
+
 def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> List[str]:
     """Register the fused methods; returns their names. `replace=True` puts them under mergekit's own
     names (restore with uninstall()); otherwise beside them as `prefix + name`. `seed` keys the DARE masks."""
@@ -75,6 +88,8 @@ def install(replace: bool = True, *, prefix: str = "fused_", seed: int = 0) -> L
             fused = FusedGeneralizedTaskArithmetic(**{**fields, "method_name": target, "seed": seed, "fused": name})
         elif isinstance(original, BatchedMergeMethod) and method.batch is not None:
             fused = _fused_batched(original, target, method)
+        elif isinstance(original, FunctionalGroupMergeMethod):
+            fused = _fused_group(original, target, method, seed)
         else:
             raise TypeError(f"mergekit's {name} is a {type(original).__name__}; fusedmerge has no adapter for it")
         if target in registry._METHODS and target not in _ORIGINALS and target not in _INSTALLED:

@@ -105,7 +105,7 @@ def slerp(base, inputs, t: float, *, variant: str = "mergekit", dot_threshold: f
     base_dict = gather_like(base, forms, "base")
     pair = Forms(forms.kind, [base_dict, forms.dicts[0]], base, forms.name)
     terms = lambda slots: [Terms(coefficients(s.inputs[0], s.inputs[1], o)) for s in slots]  # noqa: E731
-    return pair.wrap(merge_linear(pair, terms, None, o.out_dtype, backend))
+    return pair.wrap(merge_linear(pair, terms, None, o.out_dtype, backend, arg="t"))
 
 
 # --- peers --------------------------------------------------------------------------------------------------
