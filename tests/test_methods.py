@@ -109,7 +109,7 @@ def test_custom_ops_have_every_declared_parameter():
 
 
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if op_parameters(m.options)])
-def test_custom_ops_equal_the_functions_on_the_whole_grid(name):
+def test_custom_ops_equal_the_functions_on_the_whole_grid_and_pass_opcheck(name):
     m = METHODS[name]
     base, models = _models(torch.float32, n=m.n_inputs or 3)
     op = getattr(torch.ops.fusedmerge, name)
@@ -123,9 +123,12 @@ def test_custom_ops_equal_the_functions_on_the_whole_grid(name):
                 kwargs.update(rescale=True, l1_rescale=True)
             if isinstance(kwargs.get("density"), list):
                 kwargs["densities"] = kwargs.pop("density")
-            got = op(base[key], xs, **kwargs) if m.takes_base else op(xs, **kwargs)
+            args = (base[key], xs) if m.takes_base else (xs,)
+            got = op(*args, **kwargs)
             want = m.call(base[key], xs, **options)
             assert torch.equal(got, want), (name, options, key)
+            if key == "odd":
+                torch.library.opcheck(op, args, kwargs)
 
 
 BAD = {"float": "x", "bool": "yes", "int": 1.5, "str": 7, "Optional[float]": "x", "Optional[Tuple[float, ...]]": ["a"],
