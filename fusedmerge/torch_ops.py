@@ -32,6 +32,10 @@ from .options import op_parameters
 
 
 def _result_like(first: Tensor, tensors, out_dtype) -> Tensor:
+    """The result: integer tensors (taken when they agree) keep the inputs' dtype; floating ones get
+    `out_dtype`, else the promoted dtype."""
+    if not tensors[-1].is_floating_point():
+        return first.new_empty(first.shape, dtype=tensors[-1].dtype)
     dtype = out_dtype
     if dtype is None:
         dtype = tensors[0].dtype

@@ -177,3 +177,11 @@ def test_merge_help_lists_every_configuration_method(capsys):
         assert c.name in out
         for key in [*c.model_params, *c.global_params]:
             assert key in out, (c.name, key)
+
+
+def test_custom_ops_keep_agreed_integer_tensors_whatever_out_dtype():
+    ints = [torch.arange(6).reshape(2, 3)] * 3
+    for op, args in ((torch.ops.fusedmerge.average, (ints, None, torch.float32)),
+                     (torch.ops.fusedmerge.task_arithmetic, (ints[0], ints[1:], 0.5, None, torch.bfloat16))):
+        assert torch.equal(op(*args), ints[0])
+        torch.library.opcheck(op, args)

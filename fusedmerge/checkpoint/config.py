@@ -170,9 +170,9 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     elif base is None:
         raise ConfigError(f"{method} needs a base_model")
     base = _path(base, "base_model", root) if base is not None else None
-    models = [m for m in models if m.path != base]  # mergekit: the base listed among the models is the base
-    if not models:
-        raise ConfigError("models lists no model besides the base_model")
+    others = [m for m in models if m.path != base]
+    if spec.peer == "mergekit" and others:  # mergekit: the base listed among the models is the base
+        models = others
     cfg = MergeConfig(method, models, base, params, text=text)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:

@@ -59,12 +59,12 @@ def weighted_sum(inputs, coeffs: Sequence[float], *, out_dtype: Optional[torch.d
 
 
 def normalised(weights: Sequence[float]) -> List[float]:
-    """mergekit linear's Σwᵢ·xᵢ/Σwᵢ coefficients; a sum within 1e-8 of zero is refused (mergekit divides
-    by it and writes inf/NaN)."""
+    """mergekit linear's Σwᵢ·xᵢ/Σwᵢ coefficients; a zero sum is refused (mergekit divides by it and writes
+    inf/NaN)."""
     total = math.fsum(weights)
-    if abs(total) < 1e-8:
-        raise ValueError(f"normalize: the model weights sum to (almost) zero ({total}); give weights with a "
-                         "non-zero sum or set normalize: false")
+    if total == 0.0:
+        raise ValueError(f"normalize: the model weights sum to zero ({weights}); give weights with a non-zero "
+                         "sum or set normalize: false")
     return [w / total for w in weights]
 
 

@@ -165,8 +165,7 @@ def fusionbench_options(threshold: float, merge_func: str) -> Dict[str, Any]:
     return dict(density=density, scope="model", k_rule="fusionbench", vote_tie="majority", merge=merge_func)
 
 
-def _fb_ties_model(pool, finetuned: Sequence[Dict[str, torch.Tensor]], algo):
-    pretrained = pool.pretrained()
+def _fb_ties_model(pool, pretrained, finetuned: Sequence[Dict[str, torch.Tensor]], algo):
     base = pretrained.state_dict()
     removed = set(algo.remove_keys or [])
     keys = [k for k in base if k not in removed]
@@ -177,7 +176,7 @@ def _fb_ties_model(pool, finetuned: Sequence[Dict[str, torch.Tensor]], algo):
 
 
 def _fb_ties(algo, pool):
-    return _fb_ties_model(pool, [m.state_dict() for m in pool.finetuned()], algo)
+    return _fb_ties_model(pool, pool.pretrained(), [m.state_dict() for m in pool.finetuned()], algo)
 
 
 def _fb_dare_ties(algo, pool):
@@ -195,7 +194,7 @@ def _fb_dare_ties(algo, pool):
         one_hot = [1.0 if j == i else 0.0 for j in range(len(models))]
         dropped.append(dare(base, models, algo.sparsity_ratio, weights=one_hot, rescale=bool(algo.rescale),
                             seed=algo.seed, linear_only=linear, backend=algo.backend))
-    return _fb_ties_model(pool, dropped, algo)
+    return _fb_ties_model(pool, pretrained, dropped, algo)
 
 
 FB_TIES_ARGS = (("scaling_factor", REQUIRED), ("threshold", REQUIRED), ("remove_keys", ()), ("merge_func", "sum"))
