@@ -89,3 +89,27 @@ def tiny_clip_modules(n: int, seed: int = 0):
         m.load_state_dict({k: v + 1e-2 * torch.randn_like(v) for k, v in base.state_dict().items()})
         models.append(m)
     return base, models
+
+
+def load_model_dir(path):
+    """Every tensor of a model directory, copied out of its memory-mapped files."""
+    from fusedmerge.checkpoint.model_dir import ModelDir
+
+    d = ModelDir(str(path))
+    try:
+        return {k: d.tensor(k).clone() for k in d.where}
+    finally:
+        d.close()
+
+
+@pytest.fixture(scope="session")
+def small_llama_ckpts(tmp_path_factory):
+    """Directories base, m0, m1, m2 of a tiny Llama-shaped bf16 checkpoint (sharded), written once."""
+    from fusedmerge.synthetic import llama_shapes, write_checkpoint
+
+    root = tmp_path_factory.mktemp("small_llama")
+    shapes = llama_shapes(hidden=32, layers=2, intermediate=64, vocab=40)
+    write_checkpoint(str(root / "base"), shapes, shard_size=20_000)
+    for i in range(3):
+        write_checkpoint(str(root / f"m{i}"), shapes, i, shard_size=20_000)
+    return root

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fusedmerge
+from conftest import load_model_dir as load
 from fusedmerge import cli
 from fusedmerge.checkpoint import output
 from fusedmerge.checkpoint.model_dir import ModelDir
@@ -54,11 +55,6 @@ def config(root, method, *, base=True, extra="", weights=(1.0, 0.5, 2.0), densit
 
 def merge(cfg, out, *args):
     return cli.main(["merge", cfg, str(out), "--quiet", *args])
-
-
-def load(path):
-    d = ModelDir(str(path))
-    return {k: d.tensor(k).clone() for k in d.where}
 
 
 def state_dicts(root):

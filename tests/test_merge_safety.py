@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
+from conftest import load_model_dir as load
 from fusedmerge import cli
 from fusedmerge.checkpoint import outdir, output
-from fusedmerge.checkpoint.model_dir import ModelDir
 from fusedmerge.synthetic import llama_shapes, write_checkpoint
 
 SHAPES = llama_shapes(hidden=32, layers=1, intermediate=64, vocab=48)
@@ -42,14 +42,6 @@ def digest(path):
             with open(os.path.join(d, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(d, f), path)] = hashlib.sha256(fh.read()).hexdigest()
     return out
-
-
-def load(path):
-    d = ModelDir(str(path))
-    try:
-        return {k: d.tensor(k).clone() for k in d.where}
-    finally:
-        d.close()
 
 
 def leftovers(parent):

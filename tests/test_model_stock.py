@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import fusedmerge
+from conftest import load_model_dir
 from fusedmerge import cli
-from fusedmerge.checkpoint.model_dir import ModelDir
 from fusedmerge.methods.model_stock import gram, ratios
-from fusedmerge.synthetic import llama_shapes, write_checkpoint
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
 fb_model_stock = pytest.importorskip("fusion_bench.method.model_stock.model_stock")
@@ -105,22 +104,9 @@ def test_plugin_registers_model_stock():
         plugin.uninstall()
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model_stock")
-    shapes = llama_shapes(hidden=32, layers=2, intermediate=64, vocab=40)
-    write_checkpoint(str(root / "base"), shapes, shard_size=20_000)
-    for i in range(3):
-        write_checkpoint(str(root / f"m{i}"), shapes, i, shard_size=20_000)
-    return root
-
-
-def _load(path):
-    d = ModelDir(str(path))
-    try:
-        return {k: d.tensor(k).clone() for k in d.where}
-    finally:
-        d.close()
+@pytest.fixture
+def ckpts(small_llama_ckpts):
+    return small_llama_ckpts
 
 
 def test_merge_cli_runs_a_model_stock_config(ckpts, tmp_path):
@@ -129,8 +115,8 @@ def test_merge_cli_runs_a_model_stock_config(ckpts, tmp_path):
                    + "".join(f"  - model: {ckpts / f'm{i}'}\n" for i in range(3))
                    + "parameters: {filter_wise: true}\ndtype: bfloat16\n")
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
-    got, base = _load(tmp_path / "out"), _load(ckpts / "base")
-    models = [_load(ckpts / f"m{i}") for i in range(3)]
+    got, base = load_model_dir(tmp_path / "out"), load_model_dir(ckpts / "base")
+    models = [load_model_dir(ckpts / f"m{i}") for i in range(3)]
     want = fusedmerge.model_stock(base, models, filter_wise=True)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     k = "model.layers.1.mlp.up_proj.weight"

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import fusedmerge
+from conftest import load_model_dir
 from fusedmerge import cli
-from fusedmerge.checkpoint.model_dir import ModelDir
-from fusedmerge.synthetic import llama_shapes, write_checkpoint
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
 slerp_utils = pytest.importorskip("fusion_bench.method.slerp.slerp_utils")
@@ -106,22 +105,9 @@ def test_fusionbench_class_equals_slerp_merge_algorithm():
     assert all(_bits_equal(got[k], want[k]) for k in want if want[k].is_floating_point())
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slerp")
-    shapes = llama_shapes(hidden=32, layers=2, intermediate=64, vocab=40)
-    write_checkpoint(str(root / "base"), shapes, shard_size=20_000)
-    write_checkpoint(str(root / "m0"), shapes, 0, shard_size=20_000)
-    write_checkpoint(str(root / "m1"), shapes, 1, shard_size=20_000)
-    return root
-
-
-def _load(path):
-    d = ModelDir(str(path))
-    try:
-        return {k: d.tensor(k).clone() for k in d.where}
-    finally:
-        d.close()
+@pytest.fixture
+def ckpts(small_llama_ckpts):
+    return small_llama_ckpts
 
 
 def test_merge_cli_runs_mergekits_slerp_config(ckpts, tmp_path):
@@ -130,7 +116,7 @@ def test_merge_cli_runs_mergekits_slerp_config(ckpts, tmp_path):
     cfg.write_text(f"merge_method: slerp\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'base'}\n"
                    f"  - model: {ckpts / 'm0'}\nparameters:\n  t: 0.4\ndtype: bfloat16\n")
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", "--memory-budget", "64KB"]) == 0
-    got, base, other = _load(tmp_path / "out"), _load(ckpts / "base"), _load(ckpts / "m0")
+    got, base, other = load_model_dir(tmp_path / "out"), load_model_dir(ckpts / "base"), load_model_dir(ckpts / "m0")
     assert list(got) == list(base)
     for k in base:
         want = mergekit_api.merge_tensors([base[k], other[k]], "slerp", parameters={"t": 0.4}, base_index=0)
