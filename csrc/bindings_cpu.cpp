@@ -5,6 +5,7 @@
 
 #include "bindings_common.h"
 #include "cpu/combine_cpu.h"
+#include "cpu/rank_cpu.h"
 #include "cpu/ties_cpu.h"
 
 namespace py = pybind11;
@@ -29,6 +30,13 @@ struct TiesMergeArgs {
   double scaling = 1.0;
   double drop_rescale = 1.0;
   bool majority_tie = false;  // signs that tie take the sign of the whole table's vote, else +1
+};
+
+struct RowRankArgs {
+  uintptr_t values = 0;  // fp32 [rows, n], contiguous
+  int64_t rows = 0;
+  int64_t n = 0;
+  uintptr_t out = 0;  // int32 [rows, n], written
 };
 
 MergeMode checked(MergeMode merge) {
@@ -122,6 +130,23 @@ PYBIND11_MODULE(_cpu, m) {
         fm::cpu_ties_merge(t, a.table.n_tensors, a.table.n_inputs, p, thr, tie_sign);
       },
       py::arg("args"), "TIES merge of the table's rows (csrc/cpu/ties_cpu.cpp).");
+  py::class_<fm::RowRankArgs>(m, "RowRankArgs", "Parameters of row_rank.")
+      .def(py::init([](uintptr_t values, int64_t rows, int64_t n, uintptr_t out) {
+             if (rows < 0 || n < 0 || n > INT32_MAX) throw py::value_error("fusedmerge: row_rank shape out of range");
+             return fm::RowRankArgs{values, rows, n, out};
+           }),
+           py::kw_only(), py::arg("values"), py::arg("rows"), py::arg("n"), py::arg("out"))
+      .def_readwrite("values", &fm::RowRankArgs::values)
+      .def_readwrite("rows", &fm::RowRankArgs::rows)
+      .def_readwrite("n", &fm::RowRankArgs::n)
+      .def_readwrite("out", &fm::RowRankArgs::out);
+  m.def(
+      "row_rank",
+      [](const fm::RowRankArgs& a) {
+        py::gil_scoped_release release;
+        fm::cpu_row_rank(reinterpret_cast<const float*>(a.values), a.rows, a.n, reinterpret_cast<int32_t*>(a.out));
+      },
+      py::arg("args"), "Per-row ascending rank of |values| (ties in column order) into out[int32] (rank_cpu.cpp).");
   m.def("isa", &fm::cpu_isa, "The kernel variant this CPU runs (baseline, avx2, avx512).");
   m.def("max_threads", &omp_get_max_threads, "OpenMP threads the kernels use.");
 }

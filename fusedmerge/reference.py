@@ -212,3 +212,44 @@ def bucket_value(buckets: torch.Tensor) -> float:
         return math.inf
     total = sum(c << (max(e, 1) - 1) for e, c in enumerate(counts))  # in units of 2**-149, < 2**320
     return math.ldexp(float(total), -149)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection of k-th largest magnitudes, as a primitive of its own (breadcrumbs, sce, arcee_fusion)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def select_reference(jobs: Sequence[CombineJob], spec: TiesSpec) -> torch.Tensor:
+    """Per scope and model, the bits of the ks[scope][model]-th largest |xᵢ − b| (in the accumulation dtype,
+    by a full sort), as int64 [scopes, N]: the thresholds of ties_reference."""
+    taus = [[x.to(j.acc_dtype) - j.base.to(j.acc_dtype) for x in j.inputs] for j in jobs]
+    return torch.tensor(ties_thresholds_reference(taus, spec), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmented rank: the rank of every |value| within its row (DELLA)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankJob:
+    """One tensor's rows: ``values`` [rows, n] (fp32, contiguous), ``out`` int32 [rows, n] written."""
+
+    values: torch.Tensor
+    out: torch.Tensor
+
+
+def row_rank_reference(job: RankJob) -> torch.Tensor:
+    """out[r, j] = #{k : |v[r,k]| < |v[r,j]|, or equal with k < j}: the 0-based ascending rank of each
+    magnitude in its row, equal magnitudes in column order (a stable argsort of the magnitude bits; NaN
+    ranks last)."""
+    bits = magnitude_bits(job.values).reshape(job.values.shape)
+    order = torch.argsort(bits, dim=1, stable=True)
+    positions = torch.arange(bits.shape[1], dtype=torch.int32, device=bits.device).expand_as(order)
+    return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions.contiguous())
+
+
+def row_rank(jobs: Sequence[RankJob]) -> None:
+    """Backend entry point of the reference: writes every job's ranks."""
+    for job in jobs:
+        job.out.copy_(row_rank_reference(job))

@@ -29,6 +29,7 @@ from ._table import kernel_supports
 NAMES = ("torch", "cpu", "cuda", "triton")
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 ENV_VAR = "FUSEDMERGE_BACKEND"
+MAX_RANK_ROW = 1 << 16  # row_rank kernels take rows up to this length (Triton sorts a row in one program)
 
 
 def _l1_reference(jobs: Sequence[CombineJob]) -> torch.Tensor:
@@ -52,11 +53,18 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
     Primitive("ties", "TIES", reference.ties_reference,
               lambda j: kernel_supports(j) and j.acc_dtype == torch.float32, per_job=False),
     Primitive("l1_buckets", "L1-norm", _l1_reference, kernel_supports, per_job=False),
+    Primitive("select", "selection", reference.select_reference,
+              lambda j: kernel_supports(j) and j.acc_dtype == torch.float32, per_job=False),
+    Primitive("row_rank", "row-rank", reference.row_rank,
+              lambda j: j.values.dtype == torch.float32 and j.values.is_contiguous() and j.values.dim() == 2
+              and j.values.shape[1] <= MAX_RANK_ROW, per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),
     "ties": ("cpu", "triton"),
     "l1_buckets": ("cpu", "triton"),
+    "select": ("cpu", "triton"),
+    "row_rank": ("cpu", "triton"),
 }
 
 
@@ -177,7 +185,8 @@ def select(primitive: str, backend: str, device: torch.device) -> Optional[str]:
 def run(primitive: str, jobs: Sequence[CombineJob], backend: str, *args):
     """Run `primitive` over `jobs` (all on one device) by the policy of the module docstring: linear
     combinations write their outputs (one launch per number of inputs); TIES writes its outputs;
-    L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU)."""
+    L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU); select returns the thresholds (int64
+    [scopes, N] magnitude bits, on the CPU); row_rank writes its jobs' ranks."""
     prim = PRIMITIVES[primitive]
     if primitive == "combine":
         jobs = [j for j in jobs if j.out.numel() > 0]

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import _cpu
-from ..reference import CombineJob, TiesSpec
+from ..reference import CombineJob, RankJob, TiesSpec
 from ._table import MERGE_CODES, build_table
 
 
@@ -48,3 +48,22 @@ def l1_buckets(jobs: Sequence[CombineJob]) -> torch.Tensor:
     _cpu.l1_buckets(_table_args(table, len(jobs[0].inputs)), buckets=buckets.data_ptr())
     del keep
     return buckets
+
+
+def select(jobs: Sequence[CombineJob], spec: TiesSpec) -> torch.Tensor:
+    """reference.select_reference: the k-th largest |x − b| bits per (scope, model), int64 [scopes, N]."""
+    table, keep = build_table(jobs)
+    thresholds = torch.zeros((len(spec.ks), len(jobs[0].inputs)), dtype=torch.int32)
+    ks = torch.tensor(spec.ks, dtype=torch.int64)
+    _cpu.ties_select(_cpu.TiesSelectArgs(table=_table_args(table, len(jobs[0].inputs)),
+                                         model_scope=spec.scope == "model", ks=ks.data_ptr(),
+                                         thresholds=thresholds.data_ptr()))
+    del keep
+    return thresholds.to(torch.int64) & 0xFFFFFFFF
+
+
+def row_rank(jobs: Sequence[RankJob]) -> None:
+    """reference.row_rank: per-row magnitude ranks (csrc/cpu/rank_cpu.cpp), one OpenMP launch per tensor."""
+    for job in jobs:
+        rows, n = job.values.shape
+        _cpu.row_rank(_cpu.RowRankArgs(values=job.values.data_ptr(), rows=rows, n=n, out=job.out.data_ptr()))

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import torch
 
-from ..reference import CombineJob, TiesSpec
+from ..reference import CombineJob, RankJob, TiesSpec
 from ..triton_kernels import combine as kernels
+from ..triton_kernels import rank as rank_kernels
 from ..triton_kernels import ties as ties_kernels
 from ._table import MERGE_CODES, NUMEL, build_table
 
@@ -77,3 +78,14 @@ def l1_buckets(jobs: Sequence[CombineJob]) -> torch.Tensor:
                               block=block)
     del keep
     return buckets.cpu()
+
+
+def select(jobs: Sequence[CombineJob], spec: TiesSpec) -> torch.Tensor:
+    """reference.select_reference, by the TIES thresholds' radix select (torch.kthvalue on the device)."""
+    return ties_kernels.thresholds(jobs, spec)
+
+
+def row_rank(jobs: Sequence[RankJob]) -> None:
+    """reference.row_rank: one program per row (triton_kernels/rank.py)."""
+    for job in jobs:
+        rank_kernels.launch(job.values, job.out)
