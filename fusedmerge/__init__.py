@@ -3,6 +3,7 @@
 from . import torch_ops  # noqa: F401 — registers torch.ops.fusedmerge.*
 from .dispatch import BackendStatus, backends
 from .methods.dare import dare
+from .methods.della import della
 from .methods.linear import average, weighted_sum
 from .methods.model_stock import model_stock
 from .methods.slerp import slerp
@@ -12,3 +13,4 @@ from .methods.ties import ties
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
            "BackendStatus", "__version__"]
+__all__ += ["della"]

@@ -195,14 +195,21 @@ def l1_buckets_reference(job: CombineJob) -> torch.Tensor:
     exponent, shape [N, 2, 256]: integer sums do not depend on the order, so every backend agrees."""
     out = torch.zeros((len(job.inputs), 2, 256), dtype=torch.int64)
     for i, x in enumerate(job.inputs):
-        bits = (x.float() - job.base.float()).abs().view(torch.int32).reshape(-1).to(torch.int64).cpu()
-        e = bits >> 23
-        mant = (bits & 0x7FFFFF) | ((e != 0).to(torch.int64) << 23)
-        out[i, 0].index_add_(0, e, mant)
-        keep = (keep_mask(job.keys[i], bits.numel(), job.threshold) if job.threshold
-                else torch.ones_like(e, dtype=torch.bool))
-        out[i, 1].index_add_(0, e[keep], mant[keep])
+        tau = (x.float() - job.base.float()).reshape(-1).cpu()
+        out[i, 0] = abs_buckets(tau)
+        keep = (keep_mask(job.keys[i], tau.numel(), job.threshold) if job.threshold
+                else torch.ones_like(tau, dtype=torch.bool))
+        out[i, 1] = abs_buckets(tau[keep])
     return out
+
+
+def abs_buckets(t: torch.Tensor) -> torch.Tensor:
+    """Σ|t| of an fp32 tensor as int64 sums of the mantissas per exponent, [256] on t's device: exact, so
+    independent of the order of summation (bucket_value gives the value)."""
+    bits = t.abs().view(torch.int32).reshape(-1).to(torch.int64)
+    e = bits >> 23
+    mant = (bits & 0x7FFFFF) | ((e != 0).to(torch.int64) << 23)
+    return torch.zeros(256, dtype=torch.int64, device=t.device).index_add_(0, e, mant)
 
 
 def bucket_value(buckets: torch.Tensor) -> float:

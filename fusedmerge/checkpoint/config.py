@@ -79,7 +79,8 @@ class MergeConfig:
         """One group of tensors to merge as this configuration says (see ConfigMethod.merge)."""
         weights = [m.params.get("weight", 1.0) for m in self.models]
         densities = [m.params.get("density") for m in self.models]
-        return GroupCall(base, models, weights, densities, self.params, self.seed, self.out_dtype, backend, name)
+        return GroupCall(base, models, weights, densities, self.params, self.seed, self.out_dtype, backend, name,
+                         [m.params for m in self.models])
 
 
 def show(value) -> str:

@@ -48,8 +48,9 @@ class FusedGeneralizedTaskArithmetic(GeneralizedTaskArithmeticMerge):
         method = CONFIG_METHODS[self.fused]
         params = {k: parameters[k] for k in method.global_params if k in parameters}
         densities = [float(parameters["density"][e.id]) for e in entries] if "density" in method.model_params else []
+        per_model = [{k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in entries]
         call = GroupCall(base, [e.tensor for e in entries], [float(parameters["weight"][e.id]) for e in entries],
-                         densities, params, self.seed, base.dtype, "auto", group.metadata.name or "tensor")
+                         densities, params, self.seed, base.dtype, "auto", group.metadata.name or "tensor", per_model)
         return method.merge(call)
 
 

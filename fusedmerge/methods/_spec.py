@@ -65,12 +65,18 @@ class GroupCall:
     out_dtype: Optional[torch.dtype] = None
     backend: str = "auto"
     name: str = "tensor"
+    model_params: Sequence[Mapping[str, Any]] = ()  # each model's own parameters (keys beyond weight, density)
 
     def param(self, key: str, method: "ConfigMethod"):
         value = self.params.get(key, method.global_params[key].default)
         if value is REQUIRED:
             raise ConfigError(f"{method.name} needs parameters.{key}")
         return value
+
+    def per_model(self, key: str, method: "ConfigMethod") -> List[Any]:
+        """Each model's value of the per-model parameter `key` (the method's default where not given)."""
+        given = list(self.model_params) or [{}] * len(self.models)
+        return [m.get(key, method.model_params[key].default) for m in given]
 
 
 @dataclass(frozen=True)
