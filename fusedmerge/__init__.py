@@ -2,6 +2,7 @@
 
 from . import torch_ops  # noqa: F401 — registers torch.ops.fusedmerge.*
 from .dispatch import BackendStatus, backends
+from .methods.breadcrumbs import breadcrumbs
 from .methods.dare import dare
 from .methods.della import della
 from .methods.linear import average, weighted_sum
@@ -13,4 +14,4 @@ from .methods.ties import ties
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
            "BackendStatus", "__version__"]
-__all__ += ["della"]
+__all__ += ["della", "breadcrumbs"]
