@@ -59,7 +59,7 @@ def assert_bf16_close(got, want, inputs, name):
     one within 16 (a vote flipped by bf16 rounding, or cancellation in Σ wᵢδᵢ, makes the tail)."""
     scale = torch.stack([t.float().abs() for t in inputs]).amax(0)
     ulps = (got.float() - want.float()).abs() / 2.0 ** (torch.frexp(scale)[1] - 8)
-    assert float((ulps <= 1).double().mean()) >= 0.95 and float(ulps.max()) <= 16, name
+    assert float((ulps <= 1).double().mean()) >= 0.95 and float(ulps.max()) <= 16, (name, ulps.max())
 
 
 def _fed_mergekit(monkeypatch, base, models, params, method, name):
