@@ -24,7 +24,7 @@ import torch
 
 from .. import dispatch
 from .. import options as opt
-from .._forms import Slot, gather, gather_like, prepare
+from .._forms import gather, gather_like, prepare
 from ..philox import mask_key, random_words
 from ..reference import CombineJob, TiesSpec
 from ._spec import ConfigMethod, Method
@@ -62,7 +62,7 @@ def sample(values: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     return flat[(u * flat.numel()) >> 32]
 
 
-def quantiles(values: torch.Tensor, slot: Slot, backend: str) -> torch.Tensor:
+def quantiles(values: torch.Tensor, backend: str) -> torch.Tensor:
     """q25, q50, q75 of a flat tensor at ⌊q·(n−1)⌋ of its ascending order (fp32 index arithmetic, as
     mergekit), by selection when no value is negative."""
     n = values.numel()
@@ -70,7 +70,7 @@ def quantiles(values: torch.Tensor, slot: Slot, backend: str) -> torch.Tensor:
     if values.dtype == torch.float64 or bool((values < 0).any()):
         return values.sort().values[at]
     spec = TiesSpec(weights=[1.0] * 3, scaling=1.0, ks=[[n - i for i in at]])
-    job = CombineJob(slot.out, [values] * 3, spec.weights, torch.zeros_like(values))
+    job = CombineJob(values, [values] * 3, spec.weights, torch.zeros_like(values))  # select writes nothing
     bits = dispatch.run("select", [job], backend, spec)[0].to(torch.int32)  # |values| in fp32: exact
     return bits.view(torch.float32).to(values.dtype).to(values.device)
 
@@ -94,7 +94,7 @@ def arcee_fusion(base, inputs, *, seed: int = 0, name: str = "tensor", out_dtype
             continue
         x, b = slot.inputs[0], slot.base
         score = importance(x, b)
-        q1, median, q3 = quantiles(sample(score, o.seed, slot.key), slot, backend)
+        q1, median, q3 = quantiles(sample(score, o.seed, slot.key), backend)
         mask = (score >= median + 1.5 * (q3 - q1)).float()
         slot.out.copy_(b + (x - b) * mask)
     return forms.wrap(merged)
