@@ -1,6 +1,7 @@
 """End to end, from disk to disk: `fusedmerge merge` against `mergekit-yaml` (mergekit from PyPI, bench
 extra) on synthetic Llama-shaped checkpoints of ≈ 0.95B parameters (hidden 2048, 16 layers, vocab 32000),
-bf16, 500 MB shards, base + 3 models; methods linear, ties and dare_ties (density 0.3). Wall time and peak
+bf16, 500 MB shards, base + 3 models; methods linear, ties, dare_ties, della and breadcrumbs_ties (density
+0.3; della's epsilon and breadcrumbs' gamma at mergekit's defaults). Wall time and peak
 RSS of each command in one run. Issue targets on this CPU: ≥ 3× faster, ≤ ¼ of mergekit's peak RSS.
 
 The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e) and
@@ -85,7 +86,7 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("impl", list(COMMANDS))
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "della", "breadcrumbs_ties"])
 def test_merge_end_to_end(benchmark, method, impl):
     if impl == "mergekit" and shutil.which("mergekit-yaml") is None:
         pytest.skip("mergekit not installed (pip install '.[bench]')")
