@@ -147,6 +147,14 @@ PYBIND11_MODULE(_cpu, m) {
         fm::cpu_row_rank(reinterpret_cast<const float*>(a.values), a.rows, a.n, reinterpret_cast<int32_t*>(a.out));
       },
       py::arg("args"), "Per-row ascending rank of |values| (ties in column order) into out[int32] (rank_cpu.cpp).");
+  m.def(
+      "uniforms",
+      [](uint64_t key, int64_t numel, uintptr_t out) {
+        py::gil_scoped_release release;
+        fm::cpu_uniforms(key, numel, reinterpret_cast<int32_t*>(out));
+      },
+      py::kw_only(), py::arg("key"), py::arg("numel"), py::arg("out"),
+      "Each element's 32-bit Philox uniform of a 64-bit key into out[int32, numel] (rank_cpu.cpp).");
   m.def("isa", &fm::cpu_isa, "The kernel variant this CPU runs (baseline, avx2, avx512).");
   m.def("max_threads", &omp_get_max_threads, "OpenMP threads the kernels use.");
 }

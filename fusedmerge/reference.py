@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .philox import keep_mask
+from .philox import keep_mask, random_words
 
 
 @dataclass
@@ -91,6 +91,12 @@ class TiesSpec:
     drop_threshold: int = 0  # DARE-TIES: random drop instead of the magnitude trim
     drop_rescale: float = 1.0
     keys: Optional[Sequence[Sequence[int]]] = None  # per job, per model Philox keys (DARE-TIES)
+
+    def trims(self, jobs: Sequence[CombineJob]) -> bool:
+        """Whether the magnitude trim keeps fewer than all entries of some scope (else no selection is needed:
+        a threshold of 0 keeps everything)."""
+        sizes = [j.out.numel() for j in jobs] if self.scope == "tensor" else [sum(j.out.numel() for j in jobs)]
+        return self.drop_threshold == 0 and any(k < n for ks, n in zip(self.ks, sizes) for k in ks)
 
 
 def magnitude_bits(t: torch.Tensor) -> torch.Tensor:
@@ -260,3 +266,19 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
     """Backend entry point of the reference: writes every job's ranks."""
     for job in jobs:
         job.out.copy_(row_rank_reference(job))
+
+
+@dataclass
+class UniformsJob:
+    """Every element's 32-bit Philox uniform for one 64-bit key, into ``out`` (int32 holding the uint32 bits,
+    contiguous; its numel is the element count)."""
+
+    key: int
+    out: torch.Tensor
+
+
+def uniforms(jobs: Sequence[UniformsJob]) -> None:
+    """Backend entry point of the reference (fusedmerge.philox.random_words): writes every job's out."""
+    for job in jobs:
+        u = random_words(job.key, job.out.numel(), job.out.device)
+        job.out.copy_(torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).reshape(job.out.shape))

@@ -12,8 +12,8 @@ import fusedmerge
 from conftest import CPU_BACKENDS, assert_dicts_equal
 from fusedmerge import dispatch
 from fusedmerge.methods.della import as_rows, della_masks, from_rows, keep_ladder
-from fusedmerge.philox import mask_key
-from fusedmerge.reference import RankJob, row_rank_reference
+from fusedmerge.philox import mask_key, random_words
+from fusedmerge.reference import RankJob, UniformsJob, row_rank_reference
 
 mk_api = pytest.importorskip("mergekit.merge_methods.api")
 
@@ -38,6 +38,15 @@ def test_row_rank_kernels_equal_the_reference_with_ties_nan_and_both_triton_path
     dispatch.run("row_rank", jobs, backend)
     for job in jobs:
         assert torch.equal(job.out, row_rank_reference(job))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_uniforms_kernels_are_the_philox_stream(backend):
+    keys = [mask_key(0, 0, "w"), next(k for k in (mask_key(1, i, "w") for i in range(64)) if k >= 1 << 63)]
+    jobs = [UniformsJob(k, torch.empty(n, dtype=torch.int32)) for k, n in zip(keys, (1, 300))]
+    dispatch.run("uniforms", jobs, backend)
+    for job in jobs:
+        assert torch.equal(job.out.to(torch.int64) & 0xFFFFFFFF, random_words(job.key, job.out.numel()))
 
 
 def test_ranks_are_mergekits_and_ties_get_mergekits_set_of_ranks():

@@ -9,10 +9,15 @@ which are distinct, so neither way below needs stability:
   bitonic network), each position scattered to its column.
 
 Each program takes ROWS rows: many on the interpreter (each program costs a fixed overhead there), one on
-a GPU."""
+a GPU.
+
+uniforms_kernel writes each element's 32-bit Philox uniform U = (A << 16) | B (fusedmerge/philox.py), both
+streams drawn: DELLA compares U with a threshold that varies per element."""
 
 import triton
 import triton.language as tl
+
+from .combine import _halves
 
 COUNT_MAX = 256  # rows up to this length are ranked by counting
 TILE_INTERPRETER = 1 << 14  # key elements (comparisons for counting) per program under TRITON_INTERPRET
@@ -50,3 +55,19 @@ def launch(values, out) -> None:
     if values.device.type == "cpu":
         per = min(triton.next_power_of_2(rows), max(1, TILE_INTERPRETER // (block * block if count else block)))
     row_rank_kernel[(triton.cdiv(rows, per),)](values, out, rows, n, ROWS=per, BLOCK=block, COUNT=count)
+
+
+@triton.jit
+def uniforms_kernel(out_ptr, key, numel, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    u = (_halves(key, start, 0, BLOCK) << 16) | _halves(key, start, 1, BLOCK)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(out_ptr + offs, u.to(tl.int32, bitcast=True), mask=offs < numel)
+
+
+def launch_uniforms(key: int, out) -> None:
+    """out[j] = U_j (int32 bits) for a 64-bit key, j < out.numel()."""
+    n = out.numel()
+    block = TILE_INTERPRETER if out.device.type == "cpu" else 1024
+    if n:
+        uniforms_kernel[(triton.cdiv(n, block),)](out, key - (1 << 64) if key >= 1 << 63 else key, n, BLOCK=block)

@@ -4,6 +4,9 @@
 // passes of 11 + 11 + 9 bits cost O(n) per row (a pass whose digit is the same for the whole row is
 // skipped), against O(n log n) comparisons for std::sort of (bits, column) pairs; stability gives the
 // column-order tie break for free. Rows are independent: OpenMP over rows, scratch per thread.
+//
+// Uniforms (uniforms): U_j = (A << 16) | B of element j, both streams drawn for every group of 128 (a
+// per-element threshold leaves no group where B cannot matter), groups split over OpenMP threads.
 #include "rank_cpu.h"
 
 #include <omp.h>
@@ -11,6 +14,8 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "../common/philox.h"
 
 namespace fm {
 namespace {
@@ -54,6 +59,25 @@ void rank_row(const float* v, int64_t n, int32_t* out, std::vector<uint32_t>& sc
 }
 
 }  // namespace
+
+void cpu_uniforms(uint64_t key, int64_t numel, int32_t* out) {
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    uint32_t halves[2][kGroup];
+    for (uint32_t s = 0; s < 2; ++s) {
+      for (int64_t lane = 0; lane < 16; ++lane) {
+        const Words4 w = philox4x32_10(static_cast<uint64_t>(16 * g + lane), key, s);
+        for (int word = 0; word < 4; ++word) {
+          halves[s][word * 32 + lane] = w.w[word] & 0xFFFFu;
+          halves[s][word * 32 + 16 + lane] = w.w[word] >> 16;
+        }
+      }
+    }
+    const int64_t n = std::min<int64_t>(kGroup, numel - kGroup * g);
+    for (int64_t r = 0; r < n; ++r) out[kGroup * g + r] = static_cast<int32_t>((halves[0][r] << 16) | halves[1][r]);
+  }
+}
 
 void cpu_row_rank(const float* values, int64_t rows, int64_t n, int32_t* out) {
 #pragma omp parallel

@@ -58,6 +58,8 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
     Primitive("row_rank", "row-rank", reference.row_rank,
               lambda j: j.values.dtype == torch.float32 and j.values.is_contiguous() and j.values.dim() == 2
               and j.values.shape[1] <= MAX_RANK_ROW, per_job=False),
+    Primitive("uniforms", "Philox-uniform", reference.uniforms,
+              lambda j: j.out.dtype == torch.int32 and j.out.is_contiguous(), per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),
@@ -65,6 +67,7 @@ KERNELS: Dict[str, Tuple[str, ...]] = {
     "l1_buckets": ("cpu", "triton"),
     "select": ("cpu", "triton"),
     "row_rank": ("cpu", "triton"),
+    "uniforms": ("cpu", "triton"),
 }
 
 
@@ -186,7 +189,7 @@ def run(primitive: str, jobs: Sequence[CombineJob], backend: str, *args):
     """Run `primitive` over `jobs` (all on one device) by the policy of the module docstring: linear
     combinations write their outputs (one launch per number of inputs); TIES writes its outputs;
     L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU); select returns the thresholds (int64
-    [scopes, N] magnitude bits, on the CPU); row_rank writes its jobs' ranks."""
+    [scopes, N] magnitude bits, on the CPU); row_rank and uniforms write their jobs' outputs."""
     prim = PRIMITIVES[primitive]
     if primitive == "combine":
         jobs = [j for j in jobs if j.out.numel() > 0]

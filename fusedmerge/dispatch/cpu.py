@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import _cpu
-from ..reference import CombineJob, RankJob, TiesSpec
+from ..reference import CombineJob, RankJob, TiesSpec, UniformsJob
 from ._table import MERGE_CODES, build_table
 
 
@@ -30,7 +30,7 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     args = _table_args(table, n)
     model_scope = spec.scope == "model"
     thresholds = torch.zeros((len(spec.ks), n), dtype=torch.int32)
-    if spec.drop_threshold == 0:
+    if spec.trims(jobs):
         ks = torch.tensor(spec.ks, dtype=torch.int64)
         _cpu.ties_select(_cpu.TiesSelectArgs(table=args, model_scope=model_scope, ks=ks.data_ptr(),
                                              thresholds=thresholds.data_ptr()))
@@ -67,3 +67,9 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
     for job in jobs:
         rows, n = job.values.shape
         _cpu.row_rank(_cpu.RowRankArgs(values=job.values.data_ptr(), rows=rows, n=n, out=job.out.data_ptr()))
+
+
+def uniforms(jobs: Sequence[UniformsJob]) -> None:
+    """reference.uniforms: each element's Philox uniform (csrc/cpu/rank_cpu.cpp), OpenMP over groups."""
+    for job in jobs:
+        _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr())

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..reference import CombineJob, RankJob, TiesSpec
+from ..reference import CombineJob, RankJob, TiesSpec, UniformsJob
 from ..triton_kernels import combine as kernels
 from ..triton_kernels import rank as rank_kernels
 from ..triton_kernels import ties as ties_kernels
@@ -52,7 +52,7 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     table, keep = build_table(rows)
     tile_tensor, tile_start = _tiles(table, block, device)
     table = table.to(device)
-    thresholds = (ties_kernels.thresholds(jobs, spec) if spec.drop_threshold == 0
+    thresholds = (ties_kernels.thresholds(jobs, spec) if spec.trims(jobs)
                   else torch.zeros((len(spec.ks), len(spec.weights)), dtype=torch.int64)).to(device)
     common = dict(n_inputs=len(spec.weights), model_scope=spec.scope == "model", weighted=spec.weighted_vote,
                   count=spec.elect == "count", rescale=float(spec.drop_rescale), block=block)
@@ -89,3 +89,9 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
     """reference.row_rank: one program per row (triton_kernels/rank.py)."""
     for job in jobs:
         rank_kernels.launch(job.values, job.out)
+
+
+def uniforms(jobs: Sequence[UniformsJob]) -> None:
+    """reference.uniforms: both Philox streams of each element (triton_kernels/rank.py)."""
+    for job in jobs:
+        rank_kernels.launch_uniforms(job.key, job.out)

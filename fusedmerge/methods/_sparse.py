@@ -21,7 +21,7 @@ import torch
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot
-from ..reference import CombineJob, TiesSpec, abs_buckets, bucket_value
+from ..reference import CombineJob, TiesSpec, bucket_value
 from .task_arithmetic import mergekit_divisor
 
 
@@ -51,17 +51,25 @@ def acc_tau(slot: Slot, i: int, acc: torch.dtype) -> torch.Tensor:
     return slot.inputs[i].to(acc) - slot.base.to(acc)
 
 
-def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """mergekit's rescaled_masked_tensor with the L1 norm: kept·(‖τ‖₁/‖kept‖₁), left as is when a norm is
-    below 1e-7 (or not finite). fp32 norms are summed exactly (reference.abs_buckets), so the factor is the
-    same on every backend and device; fp64 ones by torch."""
-    if tau.dtype == torch.float32:
-        before, after = bucket_value(abs_buckets(tau).cpu()), bucket_value(abs_buckets(kept).cpu())
+def l1_factors(taus: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], backend: str) -> List[float]:
+    """mergekit's rescaled_masked_tensor factors with the L1 norm: ‖τᵢ‖₁/‖keptᵢ‖₁ per model, 1 when a norm is
+    below 1e-7 (or not finite). fp32 norms are summed exactly (the `l1_buckets` primitive, one launch), so
+    the factors are the same on every backend and device; fp64 ones by torch."""
+    if not taus:
+        return []
+    if taus[0].dtype == torch.float32:
+        zeros = torch.zeros_like(taus[0])
+        jobs = [CombineJob(t, [t, k], [1.0, 1.0], zeros) for t, k in zip(taus, kept)]
+        norms = [(bucket_value(b[0, 0]), bucket_value(b[1, 0])) for b in dispatch.run("l1_buckets", jobs, backend)]
     else:
-        before, after = float(tau.abs().sum()), float(kept.abs().sum())
-    if not (math.isfinite(before) and math.isfinite(after)) or before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * torch.tensor(before / after, dtype=kept.dtype, device=kept.device)
+        norms = [(float(t.abs().sum()), float(k.abs().sum())) for t, k in zip(taus, kept)]
+    return [1.0 if not (math.isfinite(a) and math.isfinite(b)) or a < 1e-7 or b < 1e-7 else a / b for a, b in norms]
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor, backend: str) -> torch.Tensor:
+    """kept·(‖τ‖₁/‖kept‖₁) as l1_factors says."""
+    (f,) = l1_factors([tau], [kept], backend)
+    return kept * torch.tensor(f, dtype=kept.dtype, device=kept.device) if f != 1.0 else kept
 
 
 def store(out: torch.Tensor, value: torch.Tensor) -> None:

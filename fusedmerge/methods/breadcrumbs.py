@@ -89,7 +89,7 @@ def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, 
                 bits = magnitude_bits(tau).reshape(tau.shape)
                 inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[len(pruned) + j]))
                 kept = torch.where(inside, tau, kept)
-            tau = l1_rescaled(tau, kept) if o.rescale else kept
+            tau = l1_rescaled(tau, kept, backend) if o.rescale else kept
         deltas.append(tau)
     gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
 

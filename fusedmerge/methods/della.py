@@ -22,8 +22,10 @@ thousands of 31-bit magnitudes. The C++ kernel is an LSD radix sort per row (3 p
 passes with one digit skipped; O(n) and stable, which gives the column tie break for free) with OpenMP
 over rows; the Triton kernel sorts (magnitude << 32 | column) keys with tl.sort in one program per row
 (a bitonic network; the column in the key makes stability unnecessary), rows up to 2¹⁶; the reference is
-torch's stable argsort. mergekit's argsort is not stable, so its order among equal magnitudes is
-unspecified; the set of ranks a group of equal magnitudes receives is the same (tested).
+torch's stable argsort. The uniforms come from a second small primitive (``uniforms``: both Philox
+streams of every element, C++ with OpenMP and Triton; the reference is fusedmerge.philox). mergekit's
+argsort is not stable, so its order among equal magnitudes is unspecified; the set of ranks a group of
+equal magnitudes receives is the same (tested).
 
 Peers: mergekit 0.1.5 ``della`` (normalize true by default) and ``della_linear`` (normalize false).
 """
@@ -39,9 +41,9 @@ import torch
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
-from ..philox import mask_key, random_words
-from ..reference import CombineJob, RankJob
-from ._sparse import acc_tau, gta_tail, l1_rescaled, per_model_values, spread
+from ..philox import mask_key
+from ..reference import CombineJob, RankJob, UniformsJob
+from ._sparse import acc_tau, gta_tail, l1_factors, per_model_values, spread
 from ._spec import ConfigMethod, GroupCall, Method, Param
 from .task_arithmetic import GTA_PARAMS
 
@@ -112,12 +114,14 @@ def della_masks(rows: Sequence[torch.Tensor], ladders: Sequence[Tuple[float, flo
     """Keep masks (bool, rows layout) of the models' τ rows; None where the density is 1 (nothing dropped)."""
     ranked = [i for i, (d, _) in enumerate(ladders) if d < 1]
     jobs = [RankJob(rows[i], torch.empty(rows[i].shape, dtype=torch.int32, device=rows[i].device)) for i in ranked]
+    words = [UniformsJob(keys[i], torch.empty(rows[i].shape, dtype=torch.int32, device=rows[i].device))
+             for i in ranked]
     if jobs:
         dispatch.run("row_rank", jobs, backend)
+        dispatch.run("uniforms", words, backend)
     masks: List[Optional[torch.Tensor]] = [None] * len(rows)
-    for i, job in zip(ranked, jobs):
-        u = random_words(keys[i], job.out.numel(), job.out.device).reshape(job.out.shape)
-        masks[i] = u < keep_ladder(job.out, *ladders[i])
+    for i, job, u in zip(ranked, jobs, words):
+        masks[i] = (u.out.to(torch.int64) & 0xFFFFFFFF) < keep_ladder(job.out, *ladders[i])
     return masks
 
 
@@ -125,12 +129,15 @@ def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: s
     acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
     rows = [as_rows(acc_tau(slot, i, acc)) for i in range(len(w))]
     keys = [mask_key(o.seed, i, slot.key) for i in range(len(w))]
-    deltas = []
-    for tau, mask in zip(rows, della_masks(rows, ladders, keys, backend)):
-        if mask is not None:
-            kept = torch.where(mask, tau, torch.zeros((), dtype=acc, device=tau.device))
-            tau = l1_rescaled(tau, kept) if o.rescale else kept
-        deltas.append(from_rows(tau, slot.out.shape).contiguous())
+    masks = della_masks(rows, ladders, keys, backend)
+    zero = torch.zeros((), dtype=acc, device=slot.out.device)
+    kept = [tau if m is None else torch.where(m, tau, zero) for tau, m in zip(rows, masks)]
+    if o.rescale:
+        pruned = [i for i, m in enumerate(masks) if m is not None]
+        factors = l1_factors([rows[i] for i in pruned], [kept[i] for i in pruned], backend)
+        for i, f in zip(pruned, factors):
+            kept[i] = kept[i] * torch.tensor(f, dtype=acc, device=zero.device) if f != 1.0 else kept[i]
+    deltas = [from_rows(k, slot.out.shape).contiguous() for k in kept]
     gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
 
 
@@ -190,7 +197,7 @@ MERGEKIT_DELLA = _della_config("della", True, True, "magnitude-ranked drop per r
 MERGEKIT_DELLA_LINEAR = _della_config("della_linear", False, False, "magnitude-ranked drop per row, L1 rescale, sum")
 
 DELLA = Method(
-    "della", della, DellaOptions, della_reference, ("row_rank", "ties", "combine"),
+    "della", della, DellaOptions, della_reference, ("row_rank", "uniforms", "ties", "combine"),
     config=(MERGEKIT_DELLA, MERGEKIT_DELLA_LINEAR),
     grid=({"density": 0.5, "epsilon": 0.2, "seed": 1}, {"density": 0.3, "epsilon": 0.1, "consensus": False},
           {"density": 0.6, "weights": [1.0, 0.5, 2.0], "normalize": False, "rescale": False, "scaling": 0.7},
