@@ -148,5 +148,5 @@ MERGEKIT_BREADCRUMBS_TIES = _breadcrumbs_config("breadcrumbs_ties", True, "bread
 BREADCRUMBS = Method(
     "breadcrumbs", breadcrumbs, BreadcrumbsOptions, breadcrumbs_reference, ("select", "ties", "combine"),
     config=(MERGEKIT_BREADCRUMBS, MERGEKIT_BREADCRUMBS_TIES),
-    grid=({"density": 0.5, "gamma": 0.1}, {"density": 0.3, "gamma": 0.05, "consensus": True, "normalize": True},
+    grid=({"density": 0.3, "gamma": 0.05, "consensus": True, "normalize": True},
           {"density": 0.9, "gamma": 0.2, "weights": [1.0, -0.5, 2.0], "rescale": True, "scaling": 0.6}))

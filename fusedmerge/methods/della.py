@@ -200,6 +200,5 @@ DELLA = Method(
     "della", della, DellaOptions, della_reference, ("row_rank", "uniforms", "ties", "combine"),
     config=(MERGEKIT_DELLA, MERGEKIT_DELLA_LINEAR),
     grid=({"density": 0.5, "epsilon": 0.2, "seed": 1}, {"density": 0.3, "epsilon": 0.1, "consensus": False},
-          {"density": 0.6, "weights": [1.0, 0.5, 2.0], "normalize": False, "rescale": False, "scaling": 0.7},
-          {"density": 1.0}))
+          {"density": 0.6, "weights": [1.0, 0.5, 2.0], "normalize": False, "rescale": False, "scaling": 0.7}))
 

@@ -97,4 +97,4 @@ MERGEKIT_SCE = ConfigMethod(
     merge=_mergekit_sce, doc="top-variance selection, mean-square weights, sign erase, weighted mean")
 
 SCE = Method("sce", sce, SceOptions, sce_reference, ("select", "ties"), config=(MERGEKIT_SCE,),
-             grid=({}, {"select_topk": 0.3}, {"select_topk": 0.7, "out_dtype": torch.float32}))
+             grid=({}, {"select_topk": 0.3, "out_dtype": torch.float32}))
