@@ -223,3 +223,13 @@ def test_mergekit_plugin_runs_della_with_per_model_epsilon():
         plugin.uninstall()
     want = fusedmerge.della(base, models, density=0.5, epsilon=[0.1, 0.3], seed=2, out_dtype=torch.float32)
     assert torch.equal(got["w"], want["w"])
+
+
+def test_configurations_are_checked_when_read():
+    from fusedmerge.methods import CONFIG_METHODS
+
+    CONFIG_METHODS["della"].check([{"density": 0.5, "epsilon": 0.2}, {}])
+    with pytest.raises(ValueError, match="epsilon"):
+        CONFIG_METHODS["della_linear"].check([{"density": 0.5}, {"density": 0.1, "epsilon": 0.2}])
+    with pytest.raises(ValueError, match="gamma"):
+        CONFIG_METHODS["breadcrumbs"].check([{"gamma": 2.0}])

@@ -138,7 +138,8 @@ def _breadcrumbs_config(name: str, consensus: bool, doc: str) -> ConfigMethod:
     method = ConfigMethod(
         name, "mergekit", needs_base=True, model_params=BREADCRUMBS_MODEL_PARAMS,
         global_params={**GTA_PARAMS, "rescale": Param("bool", False, doc="keep each task vector's L1 norm")},
-        merge=lambda call: _mergekit_breadcrumbs(call, method, consensus), doc=doc)
+        merge=lambda call: _mergekit_breadcrumbs(call, method, consensus), doc=doc,
+        check=lambda models: BreadcrumbsOptions(gamma=[m.get("gamma", 0.01) for m in models] or 0.01))
     return method
 
 

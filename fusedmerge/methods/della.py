@@ -189,7 +189,9 @@ def _della_config(name: str, consensus: bool, normalize: bool, doc: str) -> Conf
         name, "mergekit", needs_base=True, model_params=DELLA_MODEL_PARAMS,
         global_params={**GTA_PARAMS, "normalize": Param("bool", normalize, doc="divide by the (agreeing) Σ wᵢ"),
                        "rescale": Param("bool", True, doc="keep each task vector's L1 norm")},
-        merge=lambda call: _mergekit_della(call, method, consensus), doc=doc)
+        merge=lambda call: _mergekit_della(call, method, consensus), doc=doc,
+        check=lambda models: DellaOptions(density=[m.get("density", 1.0) for m in models] or 1.0,
+                                          epsilon=[m.get("epsilon", 0.15) for m in models] or 0.15))
     return method
 
 
