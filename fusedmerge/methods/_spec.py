@@ -39,7 +39,7 @@ class Param:
                 raise ConfigError(f"{where} must be one of {list(self.choices)}, got {shown}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {shown} (per-tensor parameter lists are not supported)")
+            raise ConfigError(f"{where} must be a number, got {shown}")
         try:
             finite = math.isfinite(value)
         except OverflowError:  # an integer beyond every float
@@ -54,7 +54,8 @@ class Param:
 @dataclass(frozen=True)
 class GroupCall:
     """One group of tensors to merge as a configuration says (the CLI streams a model in such groups; the
-    mergekit plugin passes one tensor). weights/densities: one per model (None where not given)."""
+    mergekit plugin passes one tensor). weights/densities: one per model (None where not given); per_model:
+    each model's per-model parameters as given (e.g. passthrough's scale)."""
 
     base: Optional[StateDict]
     models: List[StateDict]
@@ -65,6 +66,7 @@ class GroupCall:
     out_dtype: Optional[torch.dtype] = None
     backend: str = "auto"
     name: str = "tensor"
+    per_model: Tuple[Mapping[str, Any], ...] = ()
 
     def param(self, key: str, method: "ConfigMethod"):
         value = self.params.get(key, method.global_params[key].default)
