@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..options import ConfigError
 from .config import MergeConfig
 from .model_dir import ModelDir
 from .outdir import Signals, Workspace, clean_stale, refuse_inputs
@@ -200,10 +201,11 @@ def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp
                 dirs.append(ModelDir(path))
             done = _merge_dirs(cfg, opts, dist, tmp, dirs)
         except Exception as e:  # noqa: BLE001 — every rank must reach the gather below
-            error = _describe(e)
+            error = (_describe(e), isinstance(e, ConfigError))  # a configuration that does not fit the models
         errors = [e for e in dist.all_gather(error) if e]
         if errors:
-            raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
+            kind = ConfigError if all(bad_config for _, bad_config in errors) else RuntimeError
+            raise kind("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(e for e, _ in errors))
         if dist.rank == 0:
             reference, plan, layers = done
             write_index(tmp, plan)

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..options import ConfigError
 from .config import MergeConfig
 from .safetensors import element_size, header_bytes, tensor_bytes
 
@@ -122,7 +123,7 @@ def check_same_vocabulary(dirs) -> None:
         for name in VOCABULARY_FILES:
             a, b = os.path.join(base.path, name), os.path.join(d.path, name)
             if os.path.isfile(a) and os.path.isfile(b) and open(a, "rb").read() != open(b, "rb").read():
-                raise ValueError(f"tokenizer_source: base: {d.path}/{name} differs from the base's; fusedmerge does "
+                raise ConfigError(f"tokenizer_source: base: {d.path}/{name} differs from the base's; fusedmerge does "
                                  "not permute embedding rows to the base's vocabulary (tokenizer surgery)")
 
 
