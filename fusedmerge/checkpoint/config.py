@@ -1,20 +1,25 @@
-"""Merge configurations: mergekit's YAML schema for the methods fusedmerge implements, plus its own keys.
+"""Merge configurations: mergekit 0.1.5's YAML schema for the methods fusedmerge implements, plus its own keys.
 
     merge_method: NAME                   (fusedmerge.methods.CONFIG_METHODS: `fusedmerge merge --help` lists them)
-    base_model: PATH                     (every method but linear)
+    base_model: PATH                     (every method but linear and passthrough)
     models:                              (in order: OPCM merges them in this order)
       - model: PATH
         parameters: {weight: 1.0, density: 0.5}
+    slices:                              (instead of models: layers stacked from layer ranges)
+      - sources: [{model: PATH, layer_range: [0, 16], parameters: {...}}, ...]
+        parameters: {...}
     parameters: {lambda: 1.0, normalize: ..., rescale: true, int8_mask: ..., alpha: 0.5, variant: fusionbench}
     dtype: bfloat16                      (output dtype; mergekit's out_dtype wins when given)
+    tokenizer_source: base               (the base's tokenizer files; other tokenizer keys are refused)
     seed: 0                              (fusedmerge: DARE masks are keyed by seed and tensor name)
     fusedmerge: {shard_size: 2GB}        (fusedmerge's own options)
 
-Which keys a method takes, per model and globally, their kinds and defaults are declared by the method's
-module (ConfigMethod); mergekit's conventions hold for mergekit's methods. Anything else (unknown keys,
-per-tensor parameter lists, other methods) is refused, never ignored.
+Which keys a method takes, per model and shared, their kinds and defaults are declared by the method's
+module (ConfigMethod); mergekit's conventions hold for mergekit's methods. A parameter's value is a scalar,
+a gradient list or {filter, value} entries at any level (checked here, resolved per output tensor by
+plan.py with params.py). Anything else (unknown keys, tokenizer surgery, LoRA and hub references, other
+methods) is refused, never ignored.
 """
-
 from __future__ import annotations
 
 import math
@@ -49,7 +54,13 @@ def describe_methods() -> str:
         glob = ", ".join(show(k, p) for k, p in c.global_params.items()) or "none"
         lines.append(f"{c.name} ({peer}{'' if c.needs_base else ', no base_model'}): {c.doc}; "
                      f"per model: {keys}; parameters: {glob}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + LANGUAGE
+
+
+LANGUAGE = ("models: or slices: (sources with layer_range, layers renumbered); a parameter is a scalar, a gradient "
+            "list over a slice's layers, or [{filter: SUBSTRING, value: ...}]; precedence: source > slice > top "
+            "level (per-model keys at any level, the others at slice or top level; opcm: models: and scalars "
+            "only); tokenizer_source: base only")
 
 
 @dataclass
@@ -286,10 +297,11 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         raise ConfigError(f"{method} needs parameters.{missing[0]}")
     cfg = MergeConfig(method, slices, base, params, text=text, layered=layered)
     if spec.whole_model:
-        scopes = given + [m.params for s in slices for m in s.sources]
-        if layered or not all(is_scalar(v) for g in scopes for v in g.values()):
-            raise ConfigError(f"{method} merges whole models one after another: it takes models: with scalar "
-                              "parameters only (no slices, gradients or filters)")
+        scopes = [("parameters", params)] + [(f"{m.where}.parameters", m.params) for s in slices for m in s.sources]
+        bad = ["slices"] if layered else [f"{w}.{k}" for w, g in scopes for k, v in g.items() if not is_scalar(v)]
+        if bad:
+            raise ConfigError(f"{bad[0]}: {method} merges whole models one after another; it takes models: with "
+                              "scalar parameters only (no slices, gradients or filters)")
     cfg.tokenizer_source = _tokenizer(data, base)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
