@@ -313,3 +313,20 @@ def test_merge_equals_mergekit_yaml(end_to_end, name):
     b = json.loads((end_to_end / f"mk-{name}" / "config.json").read_text())
     assert a["num_hidden_layers"] == b["num_hidden_layers"] == (6 if name == "passthrough" else 4)
     assert a["architectures"] == b["architectures"] and a.get("torch_dtype", a.get("dtype")) == b["dtype"]
+
+
+@pytest.mark.parametrize("scale", [None, 0.5, -1.3])
+def test_plugin_passthrough_gives_mergekits_bits(scale):
+    from mergekit.merge_methods.api import merge_tensors
+
+    from fusedmerge.integrations import mergekit as fused
+
+    x = torch.randn(33, 7, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    params = {} if scale is None else {"scale": scale}
+    try:
+        fused.install(replace=False, prefix="cfg_")
+        got = merge_tensors([x], "cfg_passthrough", parameters=params)
+    finally:
+        fused.uninstall()
+    want = merge_tensors([x], "passthrough", parameters=params)
+    assert got.dtype == want.dtype and torch.equal(got, want)
