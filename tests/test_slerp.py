@@ -127,7 +127,7 @@ def test_merge_cli_runs_mergekits_slerp_config(ckpts, tmp_path):
     ("merge_method: slerp\nbase_model: @B\nmodels: [{model: @B}, {model: @M0}]\n", "needs parameters.t"),
     ("merge_method: slerp\nbase_model: @B\nmodels: [{model: @M0}, {model: @M1}]\nparameters: {t: 0.5}\n",
      "exactly one other model"),
-    ("merge_method: slerp\nbase_model: @B\nmodels: [{model: @M0}]\nparameters: {t: [0, 1]}\n", "parameters.t"),
+    ("merge_method: slerp\nbase_model: @B\nmodels: [{model: @M0}]\nparameters: {t: [0, x]}\n", "parameters.t[1]"),
     ("merge_method: slerp\nbase_model: @B\nmodels: [{model: @M0, parameters: {weight: 1}}]\nparameters: {t: 0.5}\n",
      "unsupported key"),
     ("merge_method: slerp\nmodels: [{model: @M0}]\nparameters: {t: 0.5}\n", "needs a base_model"),

@@ -1,35 +1,42 @@
-"""Merge configurations: mergekit's YAML schema for the methods fusedmerge implements, plus its own keys.
+"""Merge configurations: mergekit 0.1.5's YAML schema for the methods fusedmerge implements, plus its own keys.
 
     merge_method: NAME                   (fusedmerge.methods.CONFIG_METHODS: `fusedmerge merge --help` lists them)
-    base_model: PATH                     (every method but linear)
+    base_model: PATH                     (every method but linear and passthrough)
     models:                              (in order: OPCM merges them in this order)
       - model: PATH
         parameters: {weight: 1.0, density: 0.5}
+    slices:                              (instead of models: layers stacked from layer ranges)
+      - sources: [{model: PATH, layer_range: [0, 16], parameters: {...}}, ...]
+        parameters: {...}
     parameters: {lambda: 1.0, normalize: ..., rescale: true, int8_mask: ..., alpha: 0.5, variant: fusionbench}
     dtype: bfloat16                      (output dtype; mergekit's out_dtype wins when given)
+    tokenizer_source: base               (the base's tokenizer files; other tokenizer keys are refused)
     seed: 0                              (fusedmerge: DARE masks are keyed by seed and tensor name)
     fusedmerge: {shard_size: 2GB}        (fusedmerge's own options)
 
-Which keys a method takes, per model and globally, their kinds and defaults are declared by the method's
-module (ConfigMethod); mergekit's conventions hold for mergekit's methods. Anything else (unknown keys,
-per-tensor parameter lists, other methods) is refused, never ignored.
+Which keys a method takes, per model and shared, their kinds and defaults are declared by the method's
+module (ConfigMethod); mergekit's conventions hold for mergekit's methods. A parameter's value is a scalar,
+a gradient list or {filter, value} entries at any level (checked here, resolved per output tensor by
+plan.py with params.py). Anything else (unknown keys, tokenizer surgery, LoRA and hub references, other
+methods) is refused, never ignored.
 """
-
 from __future__ import annotations
 
 import math
 import os
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..methods import CONFIG_METHODS, REQUIRED, ConfigMethod, GroupCall
+from ..methods import CONFIG_METHODS, REQUIRED, ConfigMethod
 from ..options import ConfigError
+from .params import check_setting, is_scalar, uses_layers
 
 METHODS = tuple(CONFIG_METHODS)
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "fusedmerge"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed", "fusedmerge",
+            "tokenizer_source", "tokenizer", "chat_template", "modules"}
 FUSEDMERGE_KEYS = {"shard_size"}
 MAX_SIZE = 2**63  # bytes
 MAX_TEXT, MAX_NODES = 1 << 20, 10_000  # a configuration's characters, and its YAML nodes with aliases expanded
@@ -47,40 +54,92 @@ def describe_methods() -> str:
         glob = ", ".join(show(k, p) for k, p in c.global_params.items()) or "none"
         lines.append(f"{c.name} ({peer}{'' if c.needs_base else ', no base_model'}): {c.doc}; "
                      f"per model: {keys}; parameters: {glob}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + LANGUAGE
+
+
+LANGUAGE = ("models: or slices: (sources with layer_range, layers renumbered); a parameter is a scalar, a gradient "
+            "list over a slice's layers, or [{filter: SUBSTRING, value: ...}]; precedence: source > slice > top "
+            "level (per-model keys at any level, the others at slice or top level; opcm: models: and scalars "
+            "only); tokenizer_source: base only")
 
 
 @dataclass
-class ModelSpec:
+class Source:
+    """A model as an input of a slice: its directory, the layers it gives (None: the whole model, as under
+    `models:`) and its own parameter settings (params.check_setting)."""
+
     path: str
+    layers: Optional[Tuple[int, int]] = None
     params: Dict[str, Any] = field(default_factory=dict)
+    where: str = "models"
+
+
+@dataclass
+class Slice:
+    """An output slice: its base (None for methods without one), the other models in order, its settings."""
+
+    base: Optional[Source]
+    models: List[Source]
+    params: Dict[str, Any] = field(default_factory=dict)
+    where: str = "models"
+
+    @property
+    def sources(self) -> List[Source]:
+        return ([self.base] if self.base else []) + self.models
+
+    @property
+    def length(self) -> int:
+        first = self.sources[0].layers
+        return first[1] - first[0] if first else 0
 
 
 @dataclass
 class MergeConfig:
     method: str
-    models: List[ModelSpec]
+    slices: List[Slice]
     base: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)
     out_dtype: Optional[torch.dtype] = None
     seed: int = 0
     shard_size: int = 2 << 30
     text: str = ""
+    layered: bool = False  # `slices:` (layers planned from layer_range) rather than `models:`
+    tokenizer_source: Optional[str] = None
 
     @property
     def spec(self) -> ConfigMethod:
         return CONFIG_METHODS[self.method]
 
+    @property
+    def models(self) -> List[Source]:
+        """The non-base models of a `models:` configuration (in order)."""
+        return self.slices[0].models
+
+    def paths(self) -> List[str]:
+        """The model directories the configuration reads, the base first: each listed model of `models:`
+        (OPCM and linear may list one twice), each model of `slices:` once."""
+        if not self.layered:
+            return [src.path for src in self.slices[0].sources]
+        out = [self.base] if self.base else []
+        for s in self.slices:
+            out += [src.path for src in s.sources if src.path not in out]
+        return out
+
     def param(self, key: str):
-        """A global parameter, or the method's default for it."""
+        """A global parameter, or the method's default for it (whole-model methods take scalars only)."""
         return self.params.get(key, self.spec.global_params[key].default)
 
-    def group_call(self, base, models, backend: str = "auto", name: str = "tensor") -> GroupCall:
-        """One group of tensors to merge as this configuration says (see ConfigMethod.merge)."""
-        weights = [m.params.get("weight", 1.0) for m in self.models]
-        densities = [m.params.get("density") for m in self.models]
-        return GroupCall(base, models, weights, densities, self.params, self.seed, self.out_dtype, backend, name,
-                         [m.params for m in self.models])
+    def uses_layers(self) -> Optional[str]:
+        """Why the configuration needs layer indices (None where it does not)."""
+        if self.layered:
+            return "slices:"
+        scopes = [("parameters", self.params)] + [(f"{s.where}.parameters", s.params) for s in self.slices] \
+            + [(f"{src.where}.parameters", src.params) for s in self.slices for src in s.sources]
+        for where, scope in scopes:
+            for k, v in scope.items():
+                if uses_layers(v):
+                    return f"the gradient list in {where}.{k}"
+        return None
 
 
 def show(value) -> str:
@@ -122,48 +181,105 @@ def _unknown(keys, allowed, where: str) -> None:
 
 
 def _path(value, where: str, root: str) -> str:
-    if isinstance(value, dict):
-        value = value.get("model", value)
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a model directory path, got {show(value)} (LoRA and hub models are not supported)")
+        raise ConfigError(f"{where}: expected a model directory path, got {show(value)} (LoRA and hub models are not "
+                          "supported)")
     if "+" in value:
-        raise ConfigError(f"{where}: {value!r} looks like a model+LoRA reference, which is not supported")
-    return value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
+        raise ConfigError(f"{where}: {value!r} looks like a model+LoRA reference, which fusedmerge does not apply; "
+                          "merge the LoRA into its model first")
+    path = value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
+    if not os.path.isdir(path) and value.count("/") == 1 and not value.startswith("."):
+        raise ConfigError(f"{where}: {value!r} is not a local directory; fusedmerge reads local model directories "
+                          "only (download the hub model first, e.g. with huggingface-cli download)")
+    return path
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {show(value)}")
+    return value
+
+
+def _settings(raw, spec: ConfigMethod, where: str, shared: bool) -> Dict[str, Any]:
+    """A scope's parameter settings, checked: the method's per-model keys anywhere, its shared keys only in
+    the slice and top-level scopes (mergekit resolves them from there and would ignore them in a model's)."""
+    raw = _mapping(raw, where)
+    allowed = {**spec.model_params, **spec.global_params} if shared else spec.model_params
+    misplaced = sorted(k for k in raw if k in spec.global_params and not shared)
+    if misplaced:
+        raise ConfigError(f"{where}.{misplaced[0]}: {misplaced[0]} is one value per tensor for all models; give it in "
+                          "the slice's or the top-level parameters (mergekit ignores it in a model's)")
+    _unknown(raw, allowed, f"{where} for {spec.name}")
+    return {k: check_setting(v, allowed[k], f"{where}.{k}") for k, v in raw.items()}
+
+
+def _source(item, where: str, spec: ConfigMethod, root: str, layered: bool) -> Source:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'model' key, got {show(item)}")
+    _unknown(item, {"model", "parameters"} | ({"layer_range"} if layered else set()), where)
+    layers = None
+    if layered:
+        lr = item.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr) and 0 <= lr[0] < lr[1]):
+            raise ConfigError(f"{where}.layer_range must be [first, end) with 0 <= first < end, got {show(lr)}")
+        layers = (lr[0], lr[1])
+    return Source(_path(item.get("model"), f"{where}.model", root), layers,
+                  _settings(item.get("parameters"), spec, f"{where}.parameters", False), where)
+
+
+def _check_models(spec: ConfigMethod, s: Slice, params: Dict[str, Any]) -> None:
+    """The method's own check (model count, densities) on the slice's models, with their parameters where
+    every setting is a scalar (otherwise it runs again per tensor once the settings are resolved)."""
+    scopes = [params, s.params]
+    scalar = all(is_scalar(v) for scope in scopes + [m.params for m in s.models] for v in scope.values())
+    per_model = [{k: v for scope in (params, s.params, m.params) for k, v in scope.items() if k in spec.model_params}
+                 if scalar else {} for m in s.models]
+    if spec.check is None:
+        return
+    try:
+        spec.check(per_model)
+    except ConfigError as e:
+        raise ConfigError(f"{s.where}: {e}" if s.where != "models" else str(e)) from None
+
+
+def _tokenizer(data: dict, base: Optional[str]) -> Optional[str]:
+    """mergekit's tokenizer keys: `tokenizer_source: base` (the base's tokenizer files are copied); the
+    tokenizer surgery (a union or another model's vocabulary, added tokens, chat templates) is refused."""
+    if "tokenizer" in data:
+        raise ConfigError("tokenizer: builds a new vocabulary and permutes the embedding rows to it (tokenizer "
+                          "surgery), which fusedmerge does not do; use tokenizer_source: base or leave it out")
+    if "chat_template" in data:
+        raise ConfigError("chat_template: fusedmerge does not rewrite the tokenizer's chat template; leave it out and "
+                          "edit tokenizer_config.json after the merge")
+    source = data.get("tokenizer_source")
+    if source is None:
+        return None
+    if source != "base":
+        raise ConfigError(f"tokenizer_source: {show(source)} builds a new vocabulary and permutes the embedding rows to "
+                          "it (tokenizer surgery), which fusedmerge does not do; only tokenizer_source: base is supported")
+    if base is None:
+        raise ConfigError("tokenizer_source: base needs a base_model")
+    return source
 
 
 def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     """A MergeConfig from the YAML document `data`; relative paths are taken from `root` (the working
     directory for files, as mergekit does)."""
     if not isinstance(data, dict):
-        raise ConfigError("the configuration must be a YAML mapping with merge_method and models")
+        raise ConfigError("the configuration must be a YAML mapping with merge_method and models or slices")
     _unknown(data, TOP_KEYS, "configuration")
+    if "modules" in data:
+        raise ConfigError("modules: (per-module configurations of multimodal models) is not supported; use models: "
+                          "or slices:")
     method = data.get("merge_method")
     if not isinstance(method, str) or method not in CONFIG_METHODS:
         raise ConfigError(f"merge_method {show(method)} is not supported; fusedmerge implements {list(METHODS)}")
     spec = CONFIG_METHODS[method]
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ConfigError("models must be a non-empty list of {model: PATH, parameters: {...}}")
-    models = []
-    for i, item in enumerate(models_raw):
-        where = f"models[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected a mapping with a 'model' key, got {show(item)}")
-        _unknown(item, {"model", "parameters"}, where)
-        params = item.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.parameters must be a mapping")
-        _unknown(params, spec.model_params, f"{where}.parameters for {method}")
-        checked = {k: spec.model_params[k].check(v, f"{where}.parameters.{k}") for k, v in params.items()}
-        models.append(ModelSpec(_path(item.get("model"), where, root), checked))
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ConfigError("parameters must be a mapping")
-    _unknown(params, spec.global_params, f"parameters for {method}")
-    params = {k: spec.global_params[k].check(v, f"parameters.{k}") for k, v in params.items()}
-    missing = [k for k, p in spec.global_params.items() if p.default is REQUIRED and k not in params]
-    if missing:
-        raise ConfigError(f"{method} needs parameters.{missing[0]}")
+    if ("models" in data) == ("slices" in data):
+        raise ConfigError("exactly one of models or slices must be given (mergekit's rule)")
+    params = _settings(data.get("parameters"), spec, "parameters", True)
     base = data.get("base_model")
     if not spec.needs_base:
         if base is not None:
@@ -171,25 +287,81 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     elif base is None:
         raise ConfigError(f"{method} needs a base_model")
     base = _path(base, "base_model", root) if base is not None else None
-    others = [m for m in models if m.path != base]
-    if spec.peer == "mergekit" and others:  # mergekit: the base listed among the models is the base
-        models = others
-    cfg = MergeConfig(method, models, base, params, text=text)
+    layered = "slices" in data
+    slices = _slices(data["slices"], spec, base, root) if layered else [_models(data["models"], spec, base, root)]
+    for s in slices:
+        _check_models(spec, s, params)
+    given = [params] + [s.params for s in slices]
+    missing = [k for k, p in spec.global_params.items() if p.default is REQUIRED and not any(k in g for g in given)]
+    if missing:
+        raise ConfigError(f"{method} needs parameters.{missing[0]}")
+    cfg = MergeConfig(method, slices, base, params, text=text, layered=layered)
+    if spec.whole_model:
+        scopes = [("parameters", params)] + [(f"{m.where}.parameters", m.params) for s in slices for m in s.sources]
+        bad = ["slices"] if layered else [f"{w}.{k}" for w, g in scopes for k, v in g.items() if not is_scalar(v)]
+        if bad:
+            raise ConfigError(f"{bad[0]}: {method} merges whole models one after another; it takes models: with "
+                              "scalar parameters only (no slices, gradients or filters)")
+    cfg.tokenizer_source = _tokenizer(data, base)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ConfigError(f"dtype {show(dtype)} is not supported; choose one of {sorted(DTYPES)}")
         cfg.out_dtype = DTYPES[dtype]
     cfg.seed = check_seed(data.get("seed", 0))
-    own = data.get("fusedmerge") or {}
-    if not isinstance(own, dict):
-        raise ConfigError("fusedmerge must be a mapping of fusedmerge's options")
+    own = _mapping(data.get("fusedmerge"), "fusedmerge")
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")
     if "shard_size" in own:
         cfg.shard_size = parse_size(own["shard_size"], "fusedmerge.shard_size")
-    if spec.check is not None:  # refuse what the method cannot carry out now, before any work
-        spec.check([m.params for m in models])
     return cfg
+
+
+def _models(raw, spec: ConfigMethod, base: Optional[str], root: str) -> Slice:
+    """`models:` as one slice of whole models. mergekit's methods take the base listed among the models as
+    the base (its own parameters unused); fusedmerge's own (OPCM) merge every listed model."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("models must be a non-empty list of {model: PATH, parameters: {...}}")
+    models = [_source(item, f"models[{i}]", spec, root, False) for i, item in enumerate(raw)]
+    others = [m for m in models if m.path != base]
+    if spec.peer == "mergekit" and others:
+        models = others
+    return Slice(Source(base, where="base_model") if base else None, models)
+
+
+def _slices(raw, spec: ConfigMethod, base: Optional[str], root: str) -> List[Slice]:
+    """`slices:`, each a list of sources of equal layer counts; the base (slice's or top-level) must be one of
+    each slice's sources, as mergekit requires."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices must be a non-empty list of {sources: [{model: PATH, layer_range: [a, b]}, ...]}")
+    slices = []
+    for i, item in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'sources', got {show(item)}")
+        if "residual_weight" in item:
+            raise ConfigError(f"{where}.residual_weight: mergekit 0.1.5 accepts it but never uses it; remove it")
+        _unknown(item, {"sources", "base_model", "parameters"}, where)
+        raw_sources = item.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise ConfigError(f"{where}.sources must be a non-empty list of {{model: PATH, layer_range: [a, b]}}")
+        sources = [_source(s, f"{where}.sources[{j}]", spec, root, True) for j, s in enumerate(raw_sources)]
+        if len({s.layers[1] - s.layers[0] for s in sources}) > 1:
+            raise ConfigError(f"{where}: all sources of a slice must have the same number of layers, got "
+                              f"{[list(s.layers) for s in sources]}")
+        slice_base = item.get("base_model")
+        if slice_base is not None and not spec.needs_base:
+            raise ConfigError(f"{where}.base_model: {spec.name} takes no base_model")
+        slice_base = _path(slice_base, f"{where}.base_model", root) if slice_base is not None else base
+        params = _settings(item.get("parameters"), spec, f"{where}.parameters", True)
+        if spec.needs_base:
+            found = [s for s in sources if s.path == slice_base]
+            if len(found) != 1:
+                raise ConfigError(f"{where}: the base model {slice_base} must be one of its sources (once), as "
+                                  "mergekit requires")
+            slices.append(Slice(found[0], [s for s in sources if s is not found[0]], params, where))
+        else:
+            slices.append(Slice(None, sources, params, where))
+    return slices
 
 
 def load(path: str) -> MergeConfig:

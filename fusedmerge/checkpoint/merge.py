@@ -22,10 +22,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..options import ConfigError
 from .config import MergeConfig
 from .model_dir import ModelDir
 from .outdir import Signals, Workspace, clean_stale, refuse_inputs
-from .output import ShardPlan, ShardWriter, copy_model_files, write_index, write_model_card
+from .output import ShardPlan, ShardWriter, check_same_vocabulary, copy_model_files, write_config, write_index, write_model_card
+from .plan import Plan
 from .safetensors import CheckpointError
 
 
@@ -87,10 +89,11 @@ def _groups(keys: Sequence[str], cost: Dict[str, int], limit: int) -> List[List[
     return groups
 
 
-def _touch(dirs: Sequence[ModelDir], keys: Sequence[str]) -> None:
+def _touch(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
     """Read and map the group's pages now (in the prefetch thread) so that the merge finds them in memory;
-    by touching one byte per page where the kernel cannot populate a range itself."""
-    for d in dirs:
+    by touching one byte per page where the kernel cannot populate a range itself. reads: the tensors of
+    each directory."""
+    for d, keys in zip(dirs, reads):
         d.check_unchanged()  # a truncated file's pages would end the process with SIGBUS
         if d.prefetch(keys):
             continue
@@ -171,7 +174,7 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signa
     work, refused = None, None
     if dist.rank == 0:
         try:
-            refuse_inputs(out_dir, ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models])
+            refuse_inputs(out_dir, cfg.paths())
             clean_stale(out_dir)
             _prepare_out_dir(out_dir, opts.overwrite)
             work = Workspace(out_dir)
@@ -194,18 +197,20 @@ def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp
     error, done = None, None
     try:
         try:
-            for path in ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]:
+            for path in cfg.paths():
                 dirs.append(ModelDir(path))
             done = _merge_dirs(cfg, opts, dist, tmp, dirs)
         except Exception as e:  # noqa: BLE001 — every rank must reach the gather below
-            error = _describe(e)
+            error = (_describe(e), isinstance(e, ConfigError))  # a configuration that does not fit the models
         errors = [e for e in dist.all_gather(error) if e]
         if errors:
-            raise RuntimeError("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(errors))
+            kind = ConfigError if all(bad_config for _, bad_config in errors) else RuntimeError
+            raise kind("merge failed, nothing was written to " + out_dir + ":\n  " + "\n  ".join(e for e, _ in errors))
         if dist.rank == 0:
-            reference, plan = done
+            reference, plan, layers = done
             write_index(tmp, plan)
             copy_model_files(reference.path, tmp)
+            write_config(tmp, cfg, layers)
             write_model_card(tmp, cfg, plan)
             finish()
     finally:
@@ -214,54 +219,50 @@ def _merge(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, tmp
 
 
 def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, dirs: List[ModelDir]):
-    """Check the architectures, plan the shards, merge this rank's; returns (reference model, plan)."""
-    base = dirs[0] if cfg.base else None
-    models = dirs[1:] if cfg.base else dirs
+    """Check the architectures, plan the output tensors and the shards, merge this rank's; returns (reference
+    model, shard plan, output layer count or None)."""
     reference = dirs[0]
-    _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models) if m is not reference])
-    keys = list(reference.where)
-    out_dtypes = {}
-    for k in keys:
-        dtype = reference.entry(k)[0]
-        for d in dirs:
-            dtype = torch.promote_types(dtype, d.entry(k)[0]) if dtype.is_floating_point else dtype
-        out_dtypes[k] = cfg.out_dtype if (cfg.out_dtype is not None and dtype.is_floating_point) else dtype
-    plan = ShardPlan([(k, out_dtypes[k], reference.entry(k)[1]) for k in keys], cfg.shard_size, dist.world)
+    if not cfg.layered:
+        models = dirs[1:] if cfg.base else dirs
+        _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models) if m is not reference])
+    if cfg.tokenizer_source == "base":
+        check_same_vocabulary(dirs)
+    targets = Plan(cfg, dirs)
+    keys = [t.name for t in targets.targets]
+    plan = ShardPlan([(k, targets.dtype(k), targets.shape(k)) for k in keys], cfg.shard_size, dist.world)
     if cfg.spec.whole_model:
         if dist.world > 1:
             raise ValueError(f"{cfg.method} merges models one after another over the whole model; run it with one "
                              "process")
         from .opcm_stream import merge_opcm
-        merge_opcm(cfg, base, models, plan, tmp, opts)
+        merge_opcm(cfg, dirs[0], dirs[1:], plan, tmp, opts)
     else:
-        _stream(cfg, dirs, base is not None, plan, tmp, opts, dist.rank)
-    return reference, plan
+        _stream(targets, dirs, plan, tmp, opts, dist.rank)
+    return reference, plan, targets.layers
 
 
-def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardPlan, tmp: str, opts: Options,
-            rank: int) -> None:
+def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts: Options, rank: int) -> None:
     mine = plan.keys_of(rank)
-    cost = {k: sum(d.nbytes(k) for d in dirs) + plan.nbytes(k) for k in mine}
+    cost = {k: targets.nbytes(k) + plan.nbytes(k) for k in mine}
     groups = _groups(mine, cost, max(opts.memory_budget // 2, 1))
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
     try:
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(_touch, dirs, groups[0]) if groups else None
+            pending = pool.submit(_touch, dirs, targets.reads(groups[0])) if groups else None
             for i, group in enumerate(groups):
                 pending.result()
                 _check_unchanged(dirs)
                 if i + 1 < len(groups):
-                    pending = pool.submit(_touch, dirs, groups[i + 1])
-                sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
-                base_sd = sds[0] if has_base else None
-                model_sds = sds[1:] if has_base else sds
-                merged = cfg.spec.merge(cfg.group_call(base_sd, model_sds, opts.backend))
-                del sds, base_sd, model_sds
+                    pending = pool.submit(_touch, dirs, targets.reads(groups[i + 1]))
+                merged = {}
+                for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
+                    merged.update(targets.cfg.spec.merge(call))
+                    del call
                 for k in group:
                     writer.write(k, merged.pop(k).to("cpu"))
-                for d in dirs:
-                    d.release(group)
+                for d, names in zip(dirs, targets.reads(group)):
+                    d.release(names)
                 progress.update(len(group), sum(plan.nbytes(k) for k in group))
                 _check_unchanged(dirs)
     except BaseException:

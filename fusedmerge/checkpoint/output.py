@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..options import ConfigError
 from .config import MergeConfig
 from .safetensors import element_size, header_bytes, tensor_bytes
 
@@ -111,11 +112,40 @@ def copy_model_files(source: str, directory: str) -> None:
             shutil.copyfile(path, os.path.join(directory, name))
 
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def check_same_vocabulary(dirs) -> None:
+    """tokenizer_source: base copies the base's tokenizer and does not permute embedding rows, so every model
+    must have the base's vocabulary files (those it has)."""
+    base = dirs[0]
+    for d in dirs[1:]:
+        for name in VOCABULARY_FILES:
+            a, b = os.path.join(base.path, name), os.path.join(d.path, name)
+            if os.path.isfile(a) and os.path.isfile(b) and open(a, "rb").read() != open(b, "rb").read():
+                raise ConfigError(f"tokenizer_source: base: {d.path}/{name} differs from the base's; fusedmerge does "
+                                 "not permute embedding rows to the base's vocabulary (tokenizer surgery)")
+
+
+def write_config(directory: str, cfg: MergeConfig, layers) -> None:
+    """config.json as mergekit writes it: the layer count of a slices merge, the output dtype."""
+    from .plan import updated_config
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path) or (layers is None and cfg.out_dtype is None):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(updated_config(config, cfg, layers), f, indent=2)
+
+
 def write_model_card(directory: str, cfg: MergeConfig, plan: ShardPlan) -> None:
     from .. import __version__
 
-    models = "\n".join(f"- `{m.path}`" + (f" ({', '.join(f'{k} {v}' for k, v in m.params.items())})" if m.params else "")
-                       for m in cfg.models)
+    models = "\n".join(f"- `{m.path}`" + (f" layers {list(m.layers)}" if m.layers else "")
+                       + (f" ({', '.join(f'{k} {v}' for k, v in m.params.items())})" if m.params else "")
+                       for s in cfg.slices for m in s.models)
     card = (f"---\ntags:\n- merge\n- fusedmerge\n---\n# Merged model\n\n"
             f"Merged with fusedmerge {__version__}, method `{cfg.method}`"
             f"{f' on base `{cfg.base}`' if cfg.base else ''}, seed {cfg.seed}; "

@@ -1,9 +1,9 @@
 """fusedmerge as mergekit's backend: ``install()`` registers a fused implementation of every mergekit method
 that fusedmerge carries out (``fusedmerge.methods.CONFIG_METHODS`` with ``peer="mergekit"``: linear,
-task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock, della(_linear), breadcrumbs(_ties), sce,
-nearswap, arcee_fusion) — replacing the built-ins (default) or beside them under
-``prefix + name`` — so that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml`` (run in the same
-process, e.g. ``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
+task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock, passthrough, della(_linear), breadcrumbs(_ties),
+sce, nearswap, arcee_fusion) — replacing the built-ins (default) or beside them under ``prefix + name`` — so
+that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml`` (run in the same process, e.g.
+``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
 
 Each method's translation of mergekit's parameters is the one its module declares (the same as
 ``fusedmerge merge``'s): weights multiply the deltas before the sign vote, votes tied at zero go to +,
@@ -49,7 +49,7 @@ class FusedGeneralizedTaskArithmetic(GeneralizedTaskArithmeticMerge):
         method = CONFIG_METHODS[self.fused]
         params = {k: parameters[k] for k in method.global_params if k in parameters}
         densities = [float(parameters["density"][e.id]) for e in entries] if "density" in method.model_params else []
-        per_model = [{k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in entries]
+        per_model = tuple({k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in entries)
         call = GroupCall(base, [e.tensor for e in entries], [float(parameters["weight"][e.id]) for e in entries],
                          densities, params, self.seed, base.dtype, "auto", group.metadata.name or "tensor", per_model)
         return method.merge(call)
@@ -69,9 +69,11 @@ def _fused_group(original: FunctionalGroupMergeMethod, target: str, method, seed
     `method.merge` on the group's tensors."""
 
     def fused(group: TensorGroup, **parameters: Any) -> torch.Tensor:
-        base = group.base.tensor
-        call = GroupCall(base, [e.tensor for e in group.non_base], [], [], parameters, seed, base.dtype, "auto",
-                         group.metadata.name or "tensor")
+        base = group.base.tensor if group.base is not None else None
+        models = group.non_base
+        per_model = tuple({k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in models)
+        call = GroupCall(base, [e.tensor for e in models], [], [], parameters, seed, group.entries[0].tensor.dtype,
+                         "auto", group.metadata.name or "tensor", per_model)
         return method.merge(call)
 
     return FunctionalGroupMergeMethod(dataclasses.replace(original.spec, name=target), fused)

@@ -19,13 +19,15 @@ from .linear import AVERAGE, WEIGHTED_SUM
 from .model_stock import MODEL_STOCK
 from .nearswap import NEARSWAP
 from .opcm import OPCM
+from .passthrough import PASSTHROUGH
 from .sce import SCE
 from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
 METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, SLERP, MODEL_STOCK,
-                                                    OPCM)}
+                                                    OPCM,
+                                                    PASSTHROUGH)}
 METHODS.update({m.name: m for m in (DELLA, BREADCRUMBS, SCE, NEARSWAP, ARCEE_FUSION)})  # the sparsification family
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}

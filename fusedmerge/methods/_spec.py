@@ -39,7 +39,7 @@ class Param:
                 raise ConfigError(f"{where} must be one of {list(self.choices)}, got {shown}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {shown} (per-tensor parameter lists are not supported)")
+            raise ConfigError(f"{where} must be a number, got {shown}")
         try:
             finite = math.isfinite(value)
         except OverflowError:  # an integer beyond every float
@@ -54,7 +54,8 @@ class Param:
 @dataclass(frozen=True)
 class GroupCall:
     """One group of tensors to merge as a configuration says (the CLI streams a model in such groups; the
-    mergekit plugin passes one tensor). weights/densities: one per model (None where not given)."""
+    mergekit plugin passes one tensor). weights/densities: one per model (None where not given); per_model:
+    each model's per-model parameters as given (e.g. passthrough's scale)."""
 
     base: Optional[StateDict]
     models: List[StateDict]
@@ -65,7 +66,7 @@ class GroupCall:
     out_dtype: Optional[torch.dtype] = None
     backend: str = "auto"
     name: str = "tensor"
-    model_params: Sequence[Mapping[str, Any]] = ()  # each model's own parameters (keys beyond weight, density)
+    per_model: Tuple[Mapping[str, Any], ...] = ()
 
     def param(self, key: str, method: "ConfigMethod"):
         value = self.params.get(key, method.global_params[key].default)
@@ -73,9 +74,9 @@ class GroupCall:
             raise ConfigError(f"{method.name} needs parameters.{key}")
         return value
 
-    def per_model(self, key: str, method: "ConfigMethod") -> List[Any]:
+    def model_values(self, key: str, method: "ConfigMethod") -> List[Any]:
         """Each model's value of the per-model parameter `key` (the method's default where not given)."""
-        given = list(self.model_params) or [{}] * len(self.models)
+        given = list(self.per_model) or [{}] * len(self.models)
         return [m.get(key, method.model_params[key].default) for m in given]
 
 

@@ -129,7 +129,7 @@ BREADCRUMBS_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ"),
 def _mergekit_breadcrumbs(call: GroupCall, method: ConfigMethod, consensus: bool):
     return breadcrumbs(call.base, call.models, weights=call.weights,
                        density=[1.0 if d is None else d for d in call.densities],
-                       gamma=call.per_model("gamma", method), scaling=call.param("lambda", method),
+                       gamma=call.model_values("gamma", method), scaling=call.param("lambda", method),
                        normalize=call.param("normalize", method), consensus=consensus,
                        rescale=call.param("rescale", method), out_dtype=call.out_dtype, backend=call.backend)
 

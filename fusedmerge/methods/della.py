@@ -178,7 +178,7 @@ DELLA_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ, before the vote"
 def _mergekit_della(call: GroupCall, method: ConfigMethod, consensus: bool):
     return della(call.base, call.models, weights=call.weights,
                  density=[1.0 if d is None else d for d in call.densities],
-                 epsilon=call.per_model("epsilon", method), scaling=call.param("lambda", method),
+                 epsilon=call.model_values("epsilon", method), scaling=call.param("lambda", method),
                  normalize=call.param("normalize", method), consensus=consensus,
                  rescale=call.param("rescale", method), seed=call.seed, name=call.name, out_dtype=call.out_dtype,
                  backend=call.backend)
