@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference
+from .. import reductions, reference
 from ..reference import CombineJob
 from ._table import kernel_supports
 
@@ -52,11 +52,14 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
     Primitive("ties", "TIES", reference.ties_reference,
               lambda j: kernel_supports(j) and j.acc_dtype == torch.float32, per_job=False),
     Primitive("l1_buckets", "L1-norm", _l1_reference, kernel_supports, per_job=False),
+    Primitive("dots", "sums-of-products", reductions.dots_reference, lambda j: kernel_supports(j.as_combine()),
+              per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),
     "ties": ("cpu", "triton"),
     "l1_buckets": ("cpu", "triton"),
+    "dots": ("cpu", "triton"),
 }
 
 
@@ -177,13 +180,16 @@ def select(primitive: str, backend: str, device: torch.device) -> Optional[str]:
 def run(primitive: str, jobs: Sequence[CombineJob], backend: str, *args):
     """Run `primitive` over `jobs` (all on one device) by the policy of the module docstring: linear
     combinations write their outputs (one launch per number of inputs); TIES writes its outputs;
-    L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU)."""
+    L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU); dots returns one fp64 [rows, pairs] tensor
+    per job (fusedmerge/reductions.py: DotsJob, DotsSpec)."""
     prim = PRIMITIVES[primitive]
     if primitive == "combine":
         jobs = [j for j in jobs if j.out.numel() > 0]
         if not jobs:
             return None
-    name = select(primitive, backend, jobs[0].out.device)
+    if not jobs:
+        return [] if primitive == "dots" else None
+    name = select(primitive, backend, jobs[0].device if primitive == "dots" else jobs[0].out.device)
     fits = [name is not None and prim.supports(j) for j in jobs]
     if not prim.per_job:
         if not all(fits):
