@@ -3,8 +3,9 @@
     forward   one multi-tensor linear combination (the ``combine`` primitive), inputs [θ0_l, τ₁,l..τ_N,l]
               with coefficients [1, λ₁,l..λ_N,l]: the left fold θ0 + λ₁τ₁ + λ₂τ₂ + … (each product and sum
               rounded, no FMA), which is also FusionBench's order of operations, so its bits.
-    backward  ∂L/∂λᵢ,l = ⟨∂L/∂θ_l, τᵢ,l⟩ for every i and l from one multi-tensor reduction over [g_l, τ₁,l..],
-              in fp64 (``coefficient_dots``), returned in λ's dtype.
+    backward  ∂L/∂λᵢ,l = ⟨∂L/∂θ_l, τᵢ,l⟩ for every i and l from one launch of the ``dots`` reduction over
+              [g_l, τ₁,l..τ_N,l] (``coefficient_dots``): fp64, the same bits on every backend, returned in
+              λ's dtype.
 
 Nothing of size N·P is held for the backward: the Function keeps references to the inputs it was given.
 Without a base (θ0 = None) the merge is Σᵢ λᵢ,l·xᵢ,l, the learned soup's. Clamping, softmax and
@@ -21,26 +22,26 @@ from torch import nn
 from torch.func import functional_call
 
 from . import dispatch, options
+from .reductions import DotsJob, DotsSpec
 from .reference import CombineJob
 
 StateDict = Dict[str, torch.Tensor]
 
 
-def coefficient_dots(grads: Sequence[Optional[torch.Tensor]], vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """G[i, l] = Σₖ g_l[k]·vectors[i][l][k] in fp64, shape [N, L] on the CPU; a missing g_l gives zeros.
-
-    The multi-tensor reduction of the backward, isolated: the ``dots`` primitive (inputs [g, τ₁..τ_N],
-    pairs (0, i), per tensor) computes exactly this, bit-identical on every backend; this plain-torch
-    version stands in for it (fp64 products summed by torch, so deterministic on one machine and thread
-    count, not across backends)."""
+def coefficient_dots(grads: Sequence[Optional[torch.Tensor]], vectors: Sequence[Sequence[torch.Tensor]],
+                     backend: str = "auto") -> torch.Tensor:
+    """G[i, l] = Σₖ g_l[k]·vectors[i][l][k] in fp64, shape [N, L]; a missing g_l gives zeros. One launch of
+    the ``dots`` primitive (inputs [g_l, τ₁,l..τ_N,l], pairs (0, i), per tensor): fp32 products exact in fp64,
+    summed by a fixed pairwise tree, so the same bits on every backend and in any job order."""
     n, layers = len(vectors), len(grads)
-    out = torch.zeros((n, layers), dtype=torch.float64)
-    for lay, g in enumerate(grads):
-        if g is None:
-            continue
-        g64 = g.detach().reshape(-1).to(torch.float64)
-        for i in range(n):
-            out[i, lay] = torch.dot(g64, vectors[i][lay].detach().reshape(-1).to(torch.float64)).cpu()
+    live = [lay for lay, g in enumerate(grads) if g is not None and g.numel()]
+    device = next((grads[lay].device for lay in live), torch.device("cpu"))
+    out = torch.zeros((n, layers), dtype=torch.float64, device=device)
+    if live:
+        jobs = [DotsJob([grads[lay].detach().contiguous()] + [v[lay].detach().contiguous() for v in vectors])
+                for lay in live]
+        sums = dispatch.run("dots", jobs, backend, DotsSpec(tuple((0, i) for i in range(1, n + 1))))
+        out[:, live] = torch.cat(sums, 0).T
     return out
 
 
@@ -64,14 +65,14 @@ class FusedMerge(torch.autograd.Function):
             outs.append(out)
         for device in {j.out.device for j in jobs}:
             dispatch.run("combine", [j for j in jobs if j.out.device == device], backend)
-        ctx.vectors = vectors
+        ctx.vectors, ctx.backend = vectors, backend
         ctx.coeff_dtype, ctx.coeff_device = coeffs.dtype, coeffs.device
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        g = coefficient_dots(grads, ctx.vectors)
+        g = coefficient_dots(grads, ctx.vectors, ctx.backend)
         return g.to(ctx.coeff_device, ctx.coeff_dtype), None, None, None
 
 
