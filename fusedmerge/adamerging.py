@@ -10,7 +10,8 @@ as drop-ins (same constructor arguments, `merge_weights()`, `forward`, `merge_an
 As FusionBench's, the constructors turn the fine-tuned models into task vectors in place (τ = θ − θ0;
 parameters that do not require grad in the pretrained model are deleted from them and taken from θ0), and
 L is the number of trainable parameter tensors. Merged weights equal FusionBench's bit for bit (same
-operations in the same order, see fusedmerge/learned.py); coefficient gradients are fp64 sums rounded to
+operations in the same order, see fusedmerge/learned.py; with a 16-bit `task_vector_dtype` FusionBench
+rounds τ·λ to 16 bits, fusedmerge does not); coefficient gradients are fp64 sums rounded to
 λ's dtype (FusionBench's are fp32 sums). `sparsity_ratio` (FusionBench stores pruned task vectors as sparse
 tensors) is refused. Does not import fusion_bench.
 """
