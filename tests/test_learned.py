@@ -66,7 +66,7 @@ def test_gradcheck_fp64(shape, clamp, softmax):
         out = differentiable_merge(base, vectors, _transform(raw, clamp, softmax))
         return tuple(torch.sin(t) for t in out.values())
 
-    assert torch.autograd.gradcheck(merged, (lam,))
+    assert torch.autograd.gradcheck(merged, (lam,), fast_mode=True)
 
 
 @pytest.mark.parametrize("shape, clamp, softmax", VARIANTS)
