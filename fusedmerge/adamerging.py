@@ -54,6 +54,10 @@ class _FusionBenchMerged(MergedModel):
                          tie_weights=tie_weights, strict=strict, backend=backend)
         self.task_vectors = nn.ModuleList(finetuned_models)
 
+    def vector_dicts(self) -> List[StateDict]:
+        """Read from the task-vector modules at each merge, so that `.to(device)` of the wrapper moves them."""
+        return [dict(m.named_parameters()) for m in self.task_vectors]
+
     @property
     def pretrained_model(self) -> nn.Module:
         return self.module
@@ -66,7 +70,7 @@ class _FusionBenchMerged(MergedModel):
         lam = self.coefficients()
         lam = lam[:, None].expand(-1, len(self.merged_names)) if lam.dim() == 1 else lam
         state = self.module.state_dict(keep_vars=True)
-        for row, vector in zip(lam, self.vectors):
+        for row, vector in zip(lam, self.vector_dicts()):
             for w, (name, tau) in zip(row, vector.items()):
                 state[name] = state[name] + tau * (w * task_vector_mask[name])
         self._merged_state_dict = state
@@ -94,7 +98,6 @@ class FusedTaskWiseMergedModel(_FusionBenchMerged):
         self.task_vector_dtype = task_vector_dtype
         if task_vector_dtype is not None:
             self.task_vectors.to(task_vector_dtype)
-            self.vectors = [dict(m.named_parameters()) for m in self.task_vectors]
 
 
 class FusedLayerWiseMergedModel(_FusionBenchMerged):

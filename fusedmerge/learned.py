@@ -146,6 +146,10 @@ class MergedModel(nn.Module):
         self.tie_weights, self.strict, self.backend = tie_weights, strict, backend
         self._merged_state_dict: Optional[StateDict] = None
 
+    def vector_dicts(self) -> List[StateDict]:
+        """The task vectors (or models, without a base) as name → tensor dicts, in merge order."""
+        return self.vectors
+
     def coefficients(self) -> torch.Tensor:
         """λ after the clamp and the softmax."""
         lam = self.merge_weight.clamp(0, 1) if self.clamp_weights else self.merge_weight
@@ -154,7 +158,7 @@ class MergedModel(nn.Module):
     def merge_weights(self) -> StateDict:
         state = self.module.state_dict(keep_vars=True)
         base = {k: state[k] for k in self.merged_names} if self.with_base else None
-        state.update(differentiable_merge(base, self.vectors, self.coefficients(), backend=self.backend))
+        state.update(differentiable_merge(base, self.vector_dicts(), self.coefficients(), backend=self.backend))
         self._merged_state_dict = state
         return state
 

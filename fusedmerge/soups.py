@@ -104,7 +104,9 @@ def _as_form(model, forms):
 class LearnedSoup(MergedModel):
     """The learned soup of `ingredients` (modules of one architecture): ``β·f(x; Σᵢ αᵢ·θᵢ)`` with α = softmax
     over the ingredients of `merge_weight` ([N] per model, or [N, L] per parameter tensor with
-    `per_layer`), β learned (init 1). Starts as the uniform soup. Merges on every forward."""
+    `per_layer`), β learned (init 1). Starts as the uniform soup. Merges on every forward. The ingredients
+    are registered (`.to()` moves them) and frozen (requires_grad False), as FusionBench freezes its task
+    vectors."""
 
     def __init__(self, ingredients: Sequence[nn.Module], per_layer: bool = True, *, backend: str = "auto"):
         items = list(ingredients)
@@ -112,9 +114,13 @@ class LearnedSoup(MergedModel):
             raise TypeError("ingredients must be a non-empty sequence of nn.Modules of one architecture")
         vectors = [{k: p for k, p in m.named_parameters()} for m in items]
         shape = (len(items), len(vectors[0])) if per_layer else (len(items),)
-        super().__init__(torch.zeros(shape), copy.deepcopy(items[0]), vectors, base=False, softmax=True,
+        super().__init__(torch.zeros(shape), items[0], vectors, base=False, softmax=True,
                          backend=backend)
         self.beta = nn.Parameter(torch.ones(()))
+        self.ingredients = nn.ModuleList(items).requires_grad_(False)
+
+    def vector_dicts(self):
+        return [dict(m.named_parameters()) for m in self.ingredients]
 
     def forward(self, *args, **kwargs):
         self.merge_weights()
