@@ -70,3 +70,40 @@ def test_adamerging_step(benchmark, impl):
                                 peak_extra_mb=round(peak / 2**20), per="step",
                                 model_mb=round(sum(t.numel() * 4 for t in upstream.values()) / 2**20))
     benchmark.pedantic(step, rounds=3 if impl == "fusionbench" else 5, warmup_rounds=0, iterations=1)
+
+
+def test_fusion_bench_adamerging_code_builds_the_fused_model():
+    """Not a timing: FusionBench's own LayerWiseAdaMergingAlgorithm / TaskWiseAdaMergingAlgorithm model
+    construction inside fused_adamerging() gives fusedmerge's model with FusionBench's merged weights (names
+    restored after). Here rather than in tests/ because importing fusion_bench.method.adamerging (Lightning,
+    transformers) takes ~20 s on this machine, over the unit tests' budget."""
+    import copy
+    from types import SimpleNamespace
+
+    from fusion_bench.method.adamerging import layer_wise_adamerging as lw
+    from fusion_bench.method.adamerging import task_wise_adamerging as tw
+
+    from fusedmerge import FusedTaskWiseMergedModel
+    from fusedmerge.integrations.fusion_bench import fused_adamerging
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    models = [copy.deepcopy(base) for _ in range(3)]
+    for m in models:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    pool = SimpleNamespace(model_names=["a", "b", "c"],
+                           load_model=lambda n: copy.deepcopy(base if n == "_pretrained_" else models["abc".index(n)]))
+    algo = SimpleNamespace(config=SimpleNamespace(weights=None, init_values=0.3, clamp_weights=True, tie_weights=False,
+                                                  strict=True))
+    for construct in (lw.LayerWiseAdaMergingAlgorithm.construct_layer_wise_merged_model,
+                      tw.TaskWiseAdaMergingAlgorithm.construct_task_wise_merged_model):
+        want = construct(algo, pool).merge_weights()
+        with fused_adamerging():
+            got = construct(algo, pool)
+        assert isinstance(got, (FusedLayerWiseMergedModel, FusedTaskWiseMergedModel))
+        for k, v in got.merge_weights().items():
+            assert torch.equal(v.detach(), want[k].detach()), k
+    assert lw.LayerWiseMergedModel.__module__.startswith("fusion_bench")
+    assert tw.TaskWiseMergedModel.__module__.startswith("fusion_bench")

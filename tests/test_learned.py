@@ -242,3 +242,4 @@ def test_merged_model_with_functional_call_and_no_base():
     torch.testing.assert_close(merged(x), want)
     with pytest.raises(NotImplementedError, match="sparsity_ratio"):
         FusedLayerWiseMergedModel(torch.zeros(N, 5), base, models, sparsity_ratio=0.5)
+
