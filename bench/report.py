@@ -60,7 +60,7 @@ def _table(groups, header, sort_key, ref_name, cells) -> None:
 
 def _per_step(groups) -> None:
     _table(groups, ["steps timed", "best s/step", "mean s/step", "× faster than reference", "peak extra MB"],
-           lambda b: b["stats"]["mean"], ("reference",),
+           lambda b: b["stats"]["mean"], ("reference", "fusionbench"),
            lambda b, ref: [str(b["stats"]["rounds"]), f"{b['stats']['min']:.2f}", f"{b['stats']['mean']:.2f}",
                            f"{ref['stats']['mean'] / b['stats']['mean']:.1f}×" if ref else "",
                            str(b["extra_info"]["peak_extra_mb"])])

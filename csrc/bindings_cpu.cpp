@@ -5,6 +5,7 @@
 
 #include "bindings_common.h"
 #include "cpu/combine_cpu.h"
+#include "cpu/dots_cpu.h"
 #include "cpu/rank_cpu.h"
 #include "cpu/ties_cpu.h"
 
@@ -37,6 +38,15 @@ struct RowRankArgs {
   int64_t rows = 0;
   int64_t n = 0;
   uintptr_t out = 0;  // int32 [rows, n], written
+};
+
+struct DotsArgs {
+  TableArgs table;
+  uintptr_t chunks = 0;  // int64 [n_chunks, 3]: table row, first element, length (≤ DOTS_CHUNK)
+  int64_t n_chunks = 0;
+  uintptr_t pairs = 0;  // int64 [n_pairs, 2]: input indices (a, c)
+  int64_t n_pairs = 0;
+  uintptr_t partials = 0;  // fp64 [n_chunks, n_pairs], written: each chunk's tree sum of u_a·u_c
 };
 
 MergeMode checked(MergeMode merge) {
@@ -155,6 +165,22 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::kw_only(), py::arg("key"), py::arg("numel"), py::arg("out"),
       "Each element's 32-bit Philox uniform of a 64-bit key into out[int32, numel] (rank_cpu.cpp).");
+  py::class_<fm::DotsArgs>(m, "DotsArgs", "Parameters of dots.")
+      .def(py::init([](const TableArgs& table, uintptr_t chunks, int64_t n_chunks, uintptr_t pairs, int64_t n_pairs,
+                       uintptr_t partials) { return fm::DotsArgs{table, chunks, n_chunks, pairs, n_pairs, partials}; }),
+           py::kw_only(), py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("pairs"),
+           py::arg("n_pairs"), py::arg("partials"));
+  m.attr("DOTS_CHUNK") = fm::kDotsChunk;
+  m.def(
+      "dots",
+      [](const fm::DotsArgs& a) {
+        const fm::DotsParams p{reinterpret_cast<const int64_t*>(a.chunks), a.n_chunks,
+                               reinterpret_cast<const int64_t*>(a.pairs), a.n_pairs,
+                               reinterpret_cast<double*>(a.partials)};
+        py::gil_scoped_release release;
+        fm::cpu_dots(a.table.rows(), a.table.n_tensors, a.table.n_inputs, p);
+      },
+      py::arg("args"), "Per chunk and pair, the pairwise-tree sum of (x_a - b)(x_c - b) (csrc/cpu/dots_cpu.cpp).");
   m.def("isa", &fm::cpu_isa, "The kernel variant this CPU runs (baseline, avx2, avx512).");
   m.def("max_threads", &omp_get_max_threads, "OpenMP threads the kernels use.");
 }

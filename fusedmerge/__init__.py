@@ -1,7 +1,9 @@
 """fusedmerge: fused multi-tensor kernels for model merging."""
 
 from . import torch_ops  # noqa: F401 — registers torch.ops.fusedmerge.*
+from .adamerging import FusedLayerWiseMergedModel, FusedTaskWiseMergedModel, adamerging
 from .dispatch import BackendStatus, backends
+from .learned import MergedModel, differentiable_merge, entropy_loss
 from .methods.arcee_fusion import arcee_fusion
 from .methods.breadcrumbs import breadcrumbs
 from .methods.dare import dare
@@ -14,8 +16,11 @@ from .methods.sce import sce
 from .methods.slerp import slerp
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
+from .soups import GreedySoup, LearnedSoup, fit_learned_soup, greedy_soup
 
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
-           "BackendStatus", "__version__", "passthrough"]
-__all__ += ["della", "breadcrumbs", "sce", "nearswap", "arcee_fusion"]
+           "BackendStatus", "__version__", "passthrough",
+           "della", "breadcrumbs", "sce", "nearswap", "arcee_fusion",
+           "differentiable_merge", "MergedModel", "entropy_loss", "FusedTaskWiseMergedModel", "FusedLayerWiseMergedModel",
+           "adamerging", "greedy_soup", "GreedySoup", "LearnedSoup", "fit_learned_soup"]

@@ -189,7 +189,7 @@ TRITON_GPU_COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fusedmerge.triton_kernels import combine, ties
+    from fusedmerge.triton_kernels import combine, dots, ties
 
     P = "*i64"
     tile = dict(table_ptr=P, tile_tensor_ptr=P, tile_start_ptr=P)
@@ -205,6 +205,9 @@ TRITON_GPU_COMPILE = textwrap.dedent("""
         (ties.ties_merge_kernel, dict(tile, thr_ptr=P, rescale="fp32", scaling="fp32", tie_sign="fp32",
                                       **dict.fromkeys(flags, "constexpr"), MERGE="constexpr", BLOCK="constexpr"),
          [dict(MODEL_SCOPE=False, N=2, WEIGHTED=True, COUNT=True, MERGE=m, BLOCK=256) for m in range(3)]),
+        (dots.dots_kernel, dict(table_ptr=P, chunks_ptr=P, pairs_ptr=P, partials_ptr="*fp64", N="constexpr",
+                                P="constexpr", ACC_F64="constexpr", LOG="constexpr"),
+         [dict(N=3, P=6, ACC_F64=False, LOG=10), dict(N=2, P=1, ACC_F64=True, LOG=0)]),
     ]
     for fn, signature, variants in kernels:
         for constexprs in variants:
@@ -220,7 +223,8 @@ def test_triton_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter does not apply the compiler's rules (constexpr-only globals, one return type): compile
     every kernel for sm_90 to PTX and cubin, which needs no GPU, in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    env.update(TRITON_DEFAULT_FP_FUSION="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401

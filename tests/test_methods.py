@@ -81,7 +81,7 @@ def test_kernel_registrations_match_the_backend_modules():
         assert defined & set(dispatch.PRIMITIVES) == registered, backend
     status = fusedmerge.backends()
     assert status["torch"].primitives == tuple(dispatch.PRIMITIVES)
-    assert status["cpu"].primitives == ("combine", "ties", "l1_buckets", "select", "row_rank", "uniforms")
+    assert status["cpu"].primitives == ("combine", "ties", "l1_buckets", "select", "row_rank", "uniforms", "dots")
 
 
 def test_an_explicit_backend_without_the_primitive_raises_and_auto_hands_over(monkeypatch):

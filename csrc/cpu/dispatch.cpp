@@ -5,6 +5,7 @@
 #include <string>
 
 #include "combine_cpu.h"
+#include "dots_cpu.h"
 #include "ties_cpu.h"
 
 namespace fm {
@@ -17,9 +18,10 @@ struct Variant {
   decltype(&baseline::ties_select) ties_select;
   decltype(&baseline::ties_sign_sum) ties_sign_sum;
   decltype(&baseline::ties_merge) ties_merge;
+  decltype(&baseline::dots) dots;
 };
 
-#define FM_VARIANT(ns) {#ns, ns::combine, ns::l1_buckets, ns::ties_select, ns::ties_sign_sum, ns::ties_merge}
+#define FM_VARIANT(ns) {#ns, ns::combine, ns::l1_buckets, ns::ties_select, ns::ties_sign_sum, ns::ties_merge, ns::dots}
 
 // The best variant this CPU runs, or the one FUSEDMERGE_CPU_ISA names (baseline, avx2, avx512: tests run each).
 Variant select_variant() {
@@ -72,6 +74,10 @@ int64_t cpu_ties_sign_sum(const int64_t* table, int64_t n_tensors, int64_t n_inp
 void cpu_ties_merge(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const TiesParams& p,
                     const uint32_t* thresholds, float tie_sign) {
   variant().ties_merge(table, n_tensors, n_inputs, p, thresholds, tie_sign);
+}
+
+void cpu_dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsParams& p) {
+  variant().dots(table, n_tensors, n_inputs, p);
 }
 
 }  // namespace fm

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference
+from .. import reductions, reference
 from ..reference import CombineJob
 from ._table import kernel_supports
 
@@ -60,6 +60,8 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
               and j.values.shape[1] <= MAX_RANK_ROW, per_job=False),
     Primitive("uniforms", "Philox-uniform", reference.uniforms,
               lambda j: j.out.dtype == torch.int32 and j.out.is_contiguous(), per_job=False),
+    Primitive("dots", "sums-of-products", reductions.dots_reference, lambda j: kernel_supports(j.as_combine()),
+              per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),
@@ -68,6 +70,7 @@ KERNELS: Dict[str, Tuple[str, ...]] = {
     "select": ("cpu", "triton"),
     "row_rank": ("cpu", "triton"),
     "uniforms": ("cpu", "triton"),
+    "dots": ("cpu", "triton"),
 }
 
 
@@ -189,13 +192,16 @@ def run(primitive: str, jobs: Sequence[CombineJob], backend: str, *args):
     """Run `primitive` over `jobs` (all on one device) by the policy of the module docstring: linear
     combinations write their outputs (one launch per number of inputs); TIES writes its outputs;
     L1 buckets are returned ([jobs, N, 2, 256] int64, on the CPU); select returns the thresholds (int64
-    [scopes, N] magnitude bits, on the CPU); row_rank and uniforms write their jobs' outputs."""
+    [scopes, N] magnitude bits, on the CPU); row_rank and uniforms write their jobs' outputs; dots returns one
+    fp64 [rows, pairs] tensor per job (fusedmerge/reductions.py: DotsJob, DotsSpec)."""
     prim = PRIMITIVES[primitive]
     if primitive == "combine":
         jobs = [j for j in jobs if j.out.numel() > 0]
         if not jobs:
             return None
-    name = select(primitive, backend, jobs[0].out.device)
+    if not jobs:
+        return [] if primitive == "dots" else None
+    name = select(primitive, backend, jobs[0].device if primitive == "dots" else jobs[0].out.device)
     fits = [name is not None and prim.supports(j) for j in jobs]
     if not prim.per_job:
         if not all(fits):

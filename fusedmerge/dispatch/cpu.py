@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import _cpu
+from ..reductions import DotsJob, DotsSpec, run_chunked
 from ..reference import CombineJob, RankJob, TiesSpec, UniformsJob
 from ._table import MERGE_CODES, build_table
 
@@ -73,3 +74,14 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: each element's Philox uniform (csrc/cpu/rank_cpu.cpp), OpenMP over groups."""
     for job in jobs:
         _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr())
+def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
+    """reductions.dots_reference's sums: one OpenMP launch per accumulation dtype writes each chunk's tree sums."""
+
+    def launch(group, chunks, pairs, partials, acc_f64, chunk):
+        table, keep = build_table([j.as_combine() for j in group])
+        _cpu.dots(_cpu.DotsArgs(table=_table_args(table, len(group[0].inputs)), chunks=chunks.data_ptr(),
+                                n_chunks=chunks.shape[0], pairs=pairs.data_ptr(), n_pairs=pairs.shape[0],
+                                partials=partials.data_ptr()))
+        del keep
+
+    return run_chunked(jobs, spec, _cpu.DOTS_CHUNK, launch)

@@ -8,8 +8,10 @@ from typing import Sequence
 
 import torch
 
+from ..reductions import DotsJob, DotsSpec, run_chunked
 from ..reference import CombineJob, RankJob, TiesSpec, UniformsJob
 from ..triton_kernels import combine as kernels
+from ..triton_kernels import dots as dots_kernels
 from ..triton_kernels import rank as rank_kernels
 from ..triton_kernels import ties as ties_kernels
 from ._table import MERGE_CODES, NUMEL, build_table
@@ -95,3 +97,15 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: both Philox streams of each element (triton_kernels/rank.py)."""
     for job in jobs:
         rank_kernels.launch_uniforms(job.key, job.out)
+def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
+    """reductions.dots_reference's sums: one launch per accumulation dtype writes each chunk's tree sums."""
+    device = jobs[0].device
+    max_chunk = dots_kernels.CHUNK_INTERPRETER if device.type == "cpu" else dots_kernels.CHUNK
+
+    def launch(group, chunks, pairs, partials, acc_f64, chunk):
+        table, keep = build_table([j.as_combine() for j in group])
+        dots_kernels.launch(table.to(device), chunks.to(device), pairs.to(device), partials,
+                            n_inputs=len(group[0].inputs), acc_f64=acc_f64, chunk=chunk)
+        del keep
+
+    return run_chunked(jobs, spec, max_chunk, launch)

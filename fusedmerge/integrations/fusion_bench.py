@@ -24,6 +24,7 @@ Importing this module imports fusion_bench; ``import fusedmerge`` does not.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Dict, List
 
@@ -89,4 +90,30 @@ def _algorithm_class(spec: FusionBenchAlgorithm) -> type:
 
 
 globals().update({name: _algorithm_class(spec) for name, spec in FUSIONBENCH_ALGORITHMS.items()})
-__all__ = ["Pool", *FUSIONBENCH_ALGORITHMS]
+
+
+@contextlib.contextmanager
+def fused_adamerging(backend: str = "auto"):
+    """Within the block, FusionBench's AdaMerging algorithms (``fusion_bench.method.adamerging``'s
+    task-wise and layer-wise modules, which the CLIP, GPT-2, Flan-T5 and Llama variants build on) construct
+    fusedmerge's FusedTaskWiseMergedModel / FusedLayerWiseMergedModel instead of their own: FusionBench's
+    AdaMerging code, run on the fused merge. The names are restored on exit."""
+    from functools import partial
+
+    from fusion_bench.method.adamerging import layer_wise_adamerging, task_wise_adamerging
+
+    from ..adamerging import FusedLayerWiseMergedModel, FusedTaskWiseMergedModel
+
+    swaps = [(layer_wise_adamerging, "LayerWiseMergedModel", FusedLayerWiseMergedModel),
+             (task_wise_adamerging, "TaskWiseMergedModel", FusedTaskWiseMergedModel)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    for module, name, cls in swaps:
+        setattr(module, name, partial(cls, backend=backend))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+__all__ = ["Pool", "fused_adamerging", *FUSIONBENCH_ALGORITHMS]
