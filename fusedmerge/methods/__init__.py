@@ -12,15 +12,21 @@ from typing import Dict
 
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 from .dare import DARE
+from .iso_c import ISO_C
+from .iso_cts import ISO_CTS
 from .linear import AVERAGE, WEIGHTED_SUM
+from .magmax import MAGMAX
 from .model_stock import MODEL_STOCK
 from .opcm import OPCM
 from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
+from .tsv_m import TSV_M
+from .wudi import WUDI
 
 METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, SLERP, MODEL_STOCK,
                                                     OPCM)}
+METHODS.update({m.name: m for m in (TSV_M, ISO_C, ISO_CTS, MAGMAX, WUDI)})
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
 
