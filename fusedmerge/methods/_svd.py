@@ -10,8 +10,10 @@ change under transposition get their batches tall (m ≥ n, wide ones transposed
 is n×n on the short side: thin factors only, never an m×m one.
 
 Factorisation (shared with OPCM, fusedmerge.opcm.projection.gram_eigh): σ and V from one batched fp64
-symmetric eigensolver of the fp64 Gram matrix XᵀX, then U = X V Σ⁻¹ in the work dtype for the columns a
-method needs. fp64 makes the squared condition number harmless (σᵢ ≥ σ₁·√(m·ε₆₄) are resolved); below that
+symmetric eigensolver of the fp64 Gram matrix XᵀX, then U = X V Σ⁻¹ in fp64 for the columns a method
+needs; only the last GEMM of a method, between well-conditioned factors, runs in the work dtype (forming
+U or the polar product in fp32 loses up to ε₃₂·κ, ten times FusionBench's own fp32 error on CLIP-like
+task vectors). fp64 makes the squared condition number harmless (σᵢ ≥ σ₁·√(m·ε₆₄) are resolved); below that
 a direction is numerically null: its singular vectors are arbitrary in every factorisation (LAPACK returns
 some completion), so here uᵢ = 0 and it contributes nothing. Polar factors (the orthogonalisation TSV-M and
 Iso-CTS apply to concatenated singular vectors) are A·(AᵀA)^{+1/2}, the pseudo-inverse square root from one
@@ -126,7 +128,7 @@ def merge_matrices(method: str, base, inputs, batch: Batch, *, scaling: float = 
     for (rows, cols, _, dtype), members in groups.items():
         wide = tall and rows < cols
         m, k = max(rows, cols), min(rows, cols)
-        per_layer = 4 * (2 * n + 6) * m * k * (dtype.itemsize // 4) + 8 * 8 * max(k, cols) ** 2
+        per_layer = 4 * (4 * n + 8) * m * k * (dtype.itemsize // 4) + 8 * 8 * max(k, cols) ** 2
         for chunk in _chunks(members, per_layer):
             taus = torch.stack([torch.stack([(x.to(dtype) - s.base.to(dtype)) * wi for x, wi in zip(s.inputs, w)])
                                 for s in chunk])

@@ -4,13 +4,14 @@ IsotropicMergingInCommonSubspace (isotropic_merging/iso_utils.py::iso_c). Per ta
     M = Σᵢ τᵢ = U Σ Vᵀ,   Δ = mean(σ)·U Vᵀ = (‖M‖_*/k)·polar(M),   out = θ0 + λ·Δ
     other entries: θ0 + λ·mean(τᵢ)
 
-Factorisation: the polar factor as M·(MᵀM)^{-1/2} from the batched fp64 Gram eigensolver (methods/_svd.py),
-Δ = M·W with W = V diag(mean(σ)/σᵢ) Vᵀ (n×n, short side): one eigensolver and two GEMMs per batch, no U at
-all. The Gram route rather than Newton–Schulz or QDWH because task sums are ill-conditioned (low rank plus
-noise: iterative polar methods need many steps there) and an n×n fp64 eigensolver resolves every direction
-above σ₁·√(m·ε₆₄), the same call OPCM and TSV-M use. Numerically null directions of M (rank-deficient or
-zero sums) are left out: FusionBench fills them with whatever orthonormal completion LAPACK returns, times
-mean(σ); the two agree on M's row and column spaces.
+Factorisation: the polar factor as M·(MᵀM)^{-1/2} from the batched fp64 Gram eigensolver (methods/_svd.py):
+Δ = (M V diag(mean(σ)/σᵢ))·Vᵀ, the first GEMM in fp64, the second (well-conditioned factors) in the work
+dtype: one eigensolver and two GEMMs per batch. The Gram route rather than Newton–Schulz or QDWH because
+task sums are ill-conditioned (low rank plus noise: iterative polar methods need many steps there, and
+diverge on rank-deficient sums) while an n×n fp64 eigensolver resolves every direction above σ₁·√(m·ε₆₄),
+and it is the same call OPCM and TSV-M use. Numerically null directions of M (rank-deficient or zero sums)
+are left out: FusionBench fills them with whatever orthonormal completion LAPACK returns, times mean(σ);
+the two agree on M's row and column spaces.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ class IsoCOptions:
 
 
 def iso_c_batch(taus: torch.Tensor, wide: bool = False) -> torch.Tensor:
-    """Δ for a tall batch [b, T, m, n] (module docstring)."""
-    M = taus.sum(1)
+    """Δ for a tall batch [b, T, m, n] (module docstring): Q = M V diag(mean σ/σᵢ) in fp64, Δ = Q Vᵀ in the
+    work dtype (Q and V are well-conditioned, so that GEMM loses nothing)."""
+    M = taus.sum(1).to(torch.float64)
     s, V, live = gram_eigh(M)
     mean = s.sum(-1, keepdim=True) / s.shape[-1]
     scale = torch.where(live, mean / torch.where(live, s, 1.0), 0.0)
-    return M @ ((V * scale.unsqueeze(-2)) @ V.mT).to(M.dtype)
+    return ((M @ V) * scale.unsqueeze(-2)).to(taus.dtype) @ V.mT.to(taus.dtype)
 
 
 @torch.no_grad()

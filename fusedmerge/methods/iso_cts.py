@@ -10,7 +10,8 @@ IsotropicMergingInCommonAndTaskSubspace (isotropic_merging/iso_utils.py::iso_cts
 Batched (methods/_svd.py): M's Gram eigensolver gives V (and U_c = M V_c Σ_c⁻¹). When the projected side
 (U's, the rows) is the short side, wᵢ = τᵢ V⊥V⊥ᵀ in tall orientation and the task factorisations shrink to
 (k − c)×(k − c) Grams of τᵢV⊥; otherwise they are n×n Grams of wᵢ. The two polar factors come from the k×k
-Grams of U_all and V_all. A fraction so small that FusionBench's split gives c < 0 is refused.
+Grams of U_all and V_all. Everything but the last GEMM (well-conditioned factors) runs in fp64. A fraction
+so small that FusionBench's split gives c < 0 is refused.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def iso_cts_batch(fraction: float):
         """Δ for a tall batch [b, T, m, n]; `wide`: the rows (the projected side) are the short side."""
         b, t, m, n = taus.shape
         c, sd = iso_cts_split(n, t, fraction)
-        dt = taus.dtype
+        dt, taus = taus.dtype, taus.to(torch.float64)
         M = taus.sum(1)
         s, V, live = gram_eigh(M)
         inv = torch.where(live[..., :c], 1.0 / torch.where(live[..., :c], s[..., :c], 1.0), 0.0)
-        Uc = (M @ V[..., :c].to(dt)) * inv.to(dt).unsqueeze(-2)
+        Uc = (M @ V[..., :c]) * inv.unsqueeze(-2)
         if wide:
             Vp = V[..., c:]
-            Ut, st, Y = top_triplets(taus @ Vp.to(dt).unsqueeze(1), sd)
+            Ut, st, Y = top_triplets(taus @ Vp.unsqueeze(1), sd)
             Vt = Vp.unsqueeze(1) @ Y
         else:
             Ut, st, Vt = top_triplets(taus - Uc.unsqueeze(1) @ (Uc.mT.unsqueeze(1) @ taus), sd)
@@ -65,7 +66,7 @@ def iso_cts_batch(fraction: float):
         mean = (st.sum((1, 2)) + s[..., :c].sum(-1)) / n
         eps = torch.finfo(dt).eps
         core = (inv_sqrt(U_all, eps) @ inv_sqrt(V_all, eps)) * mean[:, None, None]
-        return (U_all @ core.to(dt)) @ V_all.mT.to(dt)
+        return (U_all @ core).to(dt) @ V_all.mT.to(dt)
 
     return batch
 

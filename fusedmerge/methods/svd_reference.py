@@ -57,7 +57,9 @@ def tsv_m_reference(base: StateDict, models: Sequence[StateDict], alpha: Union[f
             u_cat[:, i * r:(i + 1) * r] = u[:, :r]
             s_cat[i * r:(i + 1) * r] = s[:r]
             vh_cat[i * r:(i + 1) * r, :] = vh[:r, :]
-        return torch.linalg.multi_dot((_polar(u_cat), torch.diag(s_cat), _polar(vh_cat)))
+        uu, _, vhu = torch.linalg.svd(u_cat, full_matrices=False)
+        uv, _, vhv = torch.linalg.svd(vh_cat, full_matrices=False)
+        return torch.linalg.multi_dot((uu, vhu, torch.diag(s_cat), uv, vhv))
 
     return _merge(base, models, matrix, _mean, 1.0 if per_task else alpha, exclude_keys,
                   list(alpha) if per_task else None)

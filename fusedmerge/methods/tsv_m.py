@@ -46,17 +46,18 @@ class TsvmOptions:
 
 
 def tsvm_batch(taus: torch.Tensor, wide: bool = False) -> torch.Tensor:
-    """Δ for a tall batch of task matrices [b, T, m, n] (module docstring)."""
+    """Δ for a tall batch of task matrices [b, T, m, n] (module docstring): the factors and the k×k core in
+    fp64, the last GEMM (well-conditioned factors) in the work dtype."""
     b, t, m, n = taus.shape
     r = int(n * (1 / t))
-    U, s, V = top_triplets(taus, r)  # [b, T, m, r], [b, T, r], [b, T, n, r]
+    U, s, V = top_triplets(taus.to(torch.float64), r)  # [b, T, m, r], [b, T, r], [b, T, n, r]
     pad = n - t * r
     U_cat = torch.cat([U.permute(0, 2, 1, 3).reshape(b, m, t * r), U.new_zeros(b, m, pad)], -1)
     V_cat = torch.cat([V.permute(0, 2, 1, 3).reshape(b, n, t * r), V.new_zeros(b, n, pad)], -1)
     S = torch.cat([s.reshape(b, t * r), s.new_zeros(b, pad)], -1)
     eps = torch.finfo(taus.dtype).eps
     core = (inv_sqrt(U_cat, eps) * S.unsqueeze(-2)) @ inv_sqrt(V_cat, eps)
-    return (U_cat @ core.to(taus.dtype)) @ V_cat.mT.to(taus.dtype)
+    return (U_cat @ core).to(taus.dtype) @ V_cat.mT.to(taus.dtype)
 
 
 @torch.no_grad()
@@ -106,4 +107,4 @@ TSV_M = Method(
     fusionbench=(FusionBenchAlgorithm("FusedTaskSingularVectorMerging", "TaskSingularVectorMerging",
                                       (("alpha", None), ("exclude_keys", None), ("return_single_task_models", False)),
                                       _fb_tsv_m, "TSV-M on the batched fp64 Gram eigensolver. A new module."),),
-    grid=({}, {"alpha": 0.7, "exclude_keys": ["enc.1.proj.weight"]}, {"alpha": [1.0, 0.5, 2.0]}))
+    grid=({"alpha": 0.7, "exclude_keys": ["enc.1.proj.weight"]}, {"alpha": [1.0, 0.5, 2.0]}))
