@@ -105,4 +105,4 @@ WUDI = Method(
     fusionbench=(FusionBenchAlgorithm("FusedWUDIMerging", "WUDIMerging",
                                       (("iter_num", REQUIRED), ("exclude_keys", None)), _fb_wudi,
                                       "WUDI with the closed-form gradient, batched. A new module."),),
-    grid=({"iter_num": 5}, {"iter_num": 3, "exclude_keys": ["enc.0.fc.weight"]}))
+    grid=({"iter_num": 2}, {"iter_num": 1, "exclude_keys": ["enc.0.fc.weight"]}))
