@@ -23,7 +23,8 @@ Every class also takes ``backend`` (fusedmerge's), the DARE ones ``seed`` (masks
 position and parameter name). Results are FusionBench's up to accumulation precision (fusedmerge accumulates
 16-bit inputs in fp32 and rounds once); DARE masks differ by construction (same keep rate, reproducible);
 OPCM, TSV-M, Iso-C/CTS and WUDI within their stated tolerances, MagMax equal (fp32). Inputs are not
-modified, except the model FusionBench's ``inplace=True`` overwrites (the first model for the simple average, the pretrained model for task arithmetic).
+modified, except the model FusionBench's ``inplace=True`` overwrites (the first model for the simple
+average, the pretrained model for task arithmetic and MagMax).
 Importing this module imports fusion_bench; ``import fusedmerge`` does not.
 """
 
