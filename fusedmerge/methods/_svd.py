@@ -29,7 +29,7 @@ import torch
 
 from .. import dispatch
 from .._forms import Slot, gather, gather_like, prepare
-from ..opcm.projection import gram_eigh
+from ..opcm.projection import eigh, gram_eigh
 from ..reference import CombineJob
 
 CHUNK_BYTES = 512 << 20
@@ -69,7 +69,7 @@ def inv_sqrt(A: torch.Tensor, eps: float) -> torch.Tensor:
     """(AᵀA)^{+1/2} in fp64 for a batch (..., p, k): A·inv_sqrt(A) is A's polar factor (U Vᵀ of its thin SVD)
     on A's numerically live directions, 0 on the rest."""
     Ad = A.to(torch.float64)
-    lam, W = torch.linalg.eigh(Ad.mT @ Ad)
+    lam, W = eigh(Ad.mT @ Ad)
     s = lam.clamp_min(0).sqrt()
     live = s > s.amax(-1, keepdim=True) * max(A.shape[-2:]) * eps
     d = torch.where(live, 1.0 / torch.where(live, s, 1.0), 0.0)
