@@ -16,5 +16,5 @@ from .methods.wudi import wudi
 
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
-           "BackendStatus", "__version__",
-           "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"]
+           "BackendStatus", "__version__"]
+__all__ += ["tsv_m", "iso_c", "iso_cts", "magmax", "wudi"]  # the singular-vector family

@@ -26,7 +26,7 @@ from .wudi import WUDI
 
 METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, SLERP, MODEL_STOCK,
                                                     OPCM)}
-METHODS.update({m.name: m for m in (TSV_M, ISO_C, ISO_CTS, MAGMAX, WUDI)})
+METHODS.update({m.name: m for m in (TSV_M, ISO_C, ISO_CTS, MAGMAX, WUDI)})  # the singular-vector family
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
 
