@@ -8,7 +8,10 @@ from .methods.arcee_fusion import arcee_fusion
 from .methods.breadcrumbs import breadcrumbs
 from .methods.dare import dare
 from .methods.della import della
+from .methods.iso_c import iso_c
+from .methods.iso_cts import iso_cts
 from .methods.linear import average, weighted_sum
+from .methods.magmax import magmax
 from .methods.model_stock import model_stock
 from .methods.nearswap import nearswap
 from .methods.passthrough import passthrough
@@ -16,11 +19,14 @@ from .methods.sce import sce
 from .methods.slerp import slerp
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
+from .methods.tsv_m import tsv_m
+from .methods.wudi import wudi
 from .soups import GreedySoup, LearnedSoup, fit_learned_soup, greedy_soup
 
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
            "BackendStatus", "__version__", "passthrough",
            "della", "breadcrumbs", "sce", "nearswap", "arcee_fusion",
+           "tsv_m", "iso_c", "iso_cts", "magmax", "wudi",
            "differentiable_merge", "MergedModel", "entropy_loss", "FusedTaskWiseMergedModel", "FusedLayerWiseMergedModel",
            "adamerging", "greedy_soup", "GreedySoup", "LearnedSoup", "fit_learned_soup"]

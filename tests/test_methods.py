@@ -133,7 +133,7 @@ def test_custom_ops_equal_the_functions_on_the_whole_grid_and_pass_opcheck(name)
 
 BAD = {"float": "x", "bool": "yes", "int": 1.5, "str": 7, "Optional[float]": "x", "Optional[Tuple[float, ...]]": ["a"],
        "Optional[torch.dtype]": torch.int32, "Union[bool, str]": "l2", "Union[float, Tuple[float, ...]]": "x",
-       "Union[bool, FrozenSet[str]]": "abc"}
+       "Union[bool, FrozenSet[str]]": "abc", "Tuple[str, ...]": 7}
 
 
 @pytest.mark.parametrize("name", list(METHODS))

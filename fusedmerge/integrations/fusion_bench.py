@@ -13,12 +13,18 @@ FusionBench's own, usable through ``_target_`` in a method YAML or directly with
     FusedSlerpMerge(t, DOT_THRESHOLD=0.9995, epsilon=1e-8)                SlerpMergeAlgorithm
     FusedModelStock(ignore_keys=None, model_save_path=None, model_save_kwargs=None)   ModelStock
     FusedOPCM(alpha, shuffle_order=True, seed=None, save_on_every_step=True, evaluate_on_every_step=False)
+    FusedTaskSingularVectorMerging(alpha=None, exclude_keys=None, return_single_task_models=False)
+    FusedIsoC(scaling_factor, exclude_keys=None)                          IsotropicMergingInCommonSubspace
+    FusedIsoCTS(scaling_factor, common_space_fraction, exclude_keys=None) IsotropicMergingInCommonAndTaskSubspace
+    FusedMagMax(scaling_factor=0.5, inplace=True)                         MagMaxAlgorithm
+    FusedWUDIMerging(iter_num, exclude_keys=None)                         WUDIMerging
 
 Every class also takes ``backend`` (fusedmerge's), the DARE ones ``seed`` (masks keyed by seed, model
 position and parameter name). Results are FusionBench's up to accumulation precision (fusedmerge accumulates
 16-bit inputs in fp32 and rounds once); DARE masks differ by construction (same keep rate, reproducible);
-OPCM within its stated tolerance. Inputs are not modified, except the model FusionBench's ``inplace=True``
-overwrites (the first model for the simple average, the pretrained model for task arithmetic).
+OPCM, TSV-M, Iso-C/CTS and WUDI within their stated tolerances, MagMax equal (fp32). Inputs are not
+modified, except the model FusionBench's ``inplace=True`` overwrites (the first model for the simple
+average, the pretrained model for task arithmetic and MagMax).
 Importing this module imports fusion_bench; ``import fusedmerge`` does not.
 """
 

@@ -15,7 +15,10 @@ from .arcee_fusion import ARCEE_FUSION
 from .breadcrumbs import BREADCRUMBS
 from .dare import DARE
 from .della import DELLA
+from .iso_c import ISO_C
+from .iso_cts import ISO_CTS
 from .linear import AVERAGE, WEIGHTED_SUM
+from .magmax import MAGMAX
 from .model_stock import MODEL_STOCK
 from .nearswap import NEARSWAP
 from .opcm import OPCM
@@ -24,11 +27,14 @@ from .sce import SCE
 from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
+from .tsv_m import TSV_M
+from .wudi import WUDI
 
 METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, SLERP, MODEL_STOCK,
                                                     OPCM,
                                                     PASSTHROUGH)}
 METHODS.update({m.name: m for m in (DELLA, BREADCRUMBS, SCE, NEARSWAP, ARCEE_FUSION)})  # the sparsification family
+METHODS.update({m.name: m for m in (TSV_M, ISO_C, ISO_CTS, MAGMAX, WUDI)})  # the singular-vector family
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
 
