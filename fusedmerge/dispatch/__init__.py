@@ -52,8 +52,8 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
     Primitive("ties", "TIES", reference.ties_reference,
               lambda j: kernel_supports(j) and j.acc_dtype == torch.float32, per_job=False),
     Primitive("l1_buckets", "L1-norm", _l1_reference, kernel_supports, per_job=False),
-    Primitive("dots", "sums-of-products", reductions.dots_reference, lambda j: kernel_supports(j.as_combine()),
-              per_job=False),
+    Primitive("dots", "sums-of-products", reductions.dots_reference,
+              lambda j: kernel_supports(j.as_combine()) and len({x.dtype for x in j.inputs}) == 1, per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),
