@@ -67,8 +67,13 @@ def _fused_group(original: FunctionalGroupMergeMethod, target: str, method, seed
     `method.merge` on the group's tensors."""
 
     def fused(group: TensorGroup, **parameters: Any) -> torch.Tensor:
-        base = group.base.tensor
-        call = GroupCall(base, [e.tensor for e in group.non_base], [], [], parameters, seed, base.dtype, "auto",
+        base = group.base.tensor if group.base is not None else None
+        entries = [e for e in group.entries if not e.is_base]
+        weight = parameters.get("weight")  # mergekit's PerNonBase values, when the method has weights
+        weights = [float(w) for w in weight.values_for(entries)] if hasattr(weight, "values_for") else []
+        params = {k: v for k, v in parameters.items() if k != "weight"}
+        call = GroupCall(base, [e.tensor for e in entries], weights, [], params, seed,
+                         (base if base is not None else entries[0].tensor).dtype, "auto",
                          group.metadata.name or "tensor")
         return method.merge(call)
 

@@ -12,15 +12,18 @@ from typing import Dict
 
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 from .dare import DARE
+from .karcher import KARCHER
 from .linear import AVERAGE, WEIGHTED_SUM
 from .model_stock import MODEL_STOCK
+from .multislerp import MULTISLERP
+from .nuslerp import NUSLERP
 from .opcm import OPCM
 from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
 METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_ARITHMETIC, DARE, TIES, SLERP, MODEL_STOCK,
-                                                    OPCM)}
+                                                    OPCM, NUSLERP, MULTISLERP, KARCHER)}
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
 
