@@ -138,7 +138,7 @@ def _fb_model_stock(algo, pool):
 
 
 MODEL_STOCK = Method(
-    "model_stock", model_stock, ModelStockOptions, reference.combine, ("combine",),
+    "model_stock", model_stock, ModelStockOptions, reference.combine, ("dots", "combine"),
     config=(MERGEKIT_MODEL_STOCK,),
     fusionbench=(FusionBenchAlgorithm("FusedModelStock", "ModelStock",
                                       (("ignore_keys", None), ("model_save_path", None), ("model_save_kwargs", None)),
