@@ -10,10 +10,13 @@ from .methods.dare import dare
 from .methods.della import della
 from .methods.iso_c import iso_c
 from .methods.iso_cts import iso_cts
+from .methods.karcher import karcher
 from .methods.linear import average, weighted_sum
 from .methods.magmax import magmax
 from .methods.model_stock import model_stock
+from .methods.multislerp import multislerp
 from .methods.nearswap import nearswap
+from .methods.nuslerp import nuslerp
 from .methods.passthrough import passthrough
 from .methods.sce import sce
 from .methods.slerp import slerp
@@ -26,6 +29,7 @@ from .soups import GreedySoup, LearnedSoup, fit_learned_soup, greedy_soup
 __version__ = "0.1.0"
 __all__ = ["average", "weighted_sum", "task_arithmetic", "dare", "ties", "slerp", "model_stock", "backends",
            "BackendStatus", "__version__", "passthrough",
+           "nuslerp", "multislerp", "karcher",
            "della", "breadcrumbs", "sce", "nearswap", "arcee_fusion",
            "tsv_m", "iso_c", "iso_cts", "magmax", "wudi",
            "differentiable_merge", "MergedModel", "entropy_loss", "FusedTaskWiseMergedModel", "FusedLayerWiseMergedModel",

@@ -57,7 +57,8 @@ class DotsSpec:
 
 @dataclass(frozen=True)
 class DotsJob:
-    """One group of tensors: inputs of one shape (and dtype), optional base of that shape, seen as
+    """One group of tensors: inputs of one shape (kernels take inputs of one dtype; others go to the
+    reference), optional base of that shape (any dtype), seen as
     [rows, numel/rows] (rows = 1: one sum per tensor; rows = shape[0]: one per row)."""
 
     inputs: Sequence[torch.Tensor]
@@ -178,7 +179,7 @@ Launch = Callable[[Sequence[DotsJob], torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def run_chunked(jobs: Sequence[DotsJob], spec: DotsSpec, max_chunk: int, launch: Launch) -> List[torch.Tensor]:
-    """What every kernel backend shares: per number of inputs and accumulation dtype, the chunk list, one
+    """What every kernel backend shares: per number of inputs and dtypes, the chunk list, one
     launch that writes each chunk's tree sums (`launch(jobs, chunks, pairs, partials [n_chunks, P] fp64,
     acc_f64, chunk)`), then `tree_sum` over each row's chunks. The chunk is the smallest power of two that
     holds the longest row, at most `max_chunk` (any power of two gives the same sums)."""
@@ -187,10 +188,11 @@ def run_chunked(jobs: Sequence[DotsJob], spec: DotsSpec, max_chunk: int, launch:
     out: List[Optional[torch.Tensor]] = [None] * len(jobs)
     device = jobs[0].device
     pairs = torch.tensor(spec.pairs, dtype=torch.int64)
-    groups: Dict[Tuple[int, bool], List[int]] = {}
+    groups: Dict[tuple, List[int]] = {}
     for k, j in enumerate(jobs):
-        groups.setdefault((len(j.inputs), j.acc_dtype == torch.float64), []).append(k)
-    for (_, acc_f64), index in groups.items():
+        key = (len(j.inputs), j.acc_dtype == torch.float64, j.inputs[0].dtype, j.base is None or j.base.dtype)
+        groups.setdefault(key, []).append(k)
+    for (_, acc_f64, _, _), index in groups.items():
         group = [jobs[k] for k in index]
         longest = max(j.inputs[0].numel() // max(j.rows, 1) for j in group)
         chunk = min(max_chunk, 1 << max(longest - 1, 0).bit_length())
@@ -200,5 +202,20 @@ def run_chunked(jobs: Sequence[DotsJob], spec: DotsSpec, max_chunk: int, launch:
             launch(group, chunks, pairs, partials, acc_f64, chunk)
         sums = tree_sum(partials, counts)
         for k, s in zip(index, torch.split(sums, [j.rows for j in group])):
+            out[k] = s
+    return out
+
+
+def dots(jobs: Sequence[DotsJob], spec: DotsSpec, backend: str = "auto") -> List[torch.Tensor]:
+    """``dispatch.run("dots", ...)`` for jobs on any devices (one launch per device and input count): per
+    job an fp64 [rows, len(spec.pairs)] tensor on its device, in job order."""
+    from . import dispatch
+
+    out: List[Optional[torch.Tensor]] = [None] * len(jobs)
+    by_device: Dict[torch.device, List[int]] = {}
+    for k, j in enumerate(jobs):
+        by_device.setdefault(j.device, []).append(k)
+    for index in by_device.values():
+        for k, s in zip(index, dispatch.run("dots", [jobs[k] for k in index], backend, spec)):
             out[k] = s
     return out

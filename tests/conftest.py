@@ -113,3 +113,20 @@ def small_llama_ckpts(tmp_path_factory):
     for i in range(3):
         write_checkpoint(str(root / f"m{i}"), shapes, i, shard_size=20_000)
     return root
+
+
+def within_ulps(got, want, inputs, ulps):
+    """got equals want (dtype, shape) up to `ulps` units in the last place of want's dtype at the tensor's
+    largest input magnitude: the bound of the vector methods (coefficients from fp64 sums, one fp32
+    combination) where a peer computes in the inputs' dtype."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    scale = max(float(x.double().abs().max()) if x.numel() else 0.0 for x in inputs)
+    return bool(((got.double() - want.double()).abs() <= ulps * torch.finfo(want.dtype).eps * scale).all())
+
+
+# Llama- and CLIP-shaped tensors (names and shape kinds of the real models, small sizes).
+MODEL_SHAPES = {"model.embed_tokens.weight": (96, 32), "model.layers.0.self_attn.q_proj.weight": (32, 32),
+                "model.layers.0.mlp.down_proj.weight": (32, 88), "model.layers.0.input_layernorm.weight": (32,),
+                "vision_model.embeddings.patch_embedding.weight": (16, 3, 4, 4),
+                "vision_model.encoder.layers.0.self_attn.out_proj.bias": (16,)}

@@ -205,9 +205,10 @@ TRITON_GPU_COMPILE = textwrap.dedent("""
         (ties.ties_merge_kernel, dict(tile, thr_ptr=P, rescale="fp32", scaling="fp32", tie_sign="fp32",
                                       **dict.fromkeys(flags, "constexpr"), MERGE="constexpr", BLOCK="constexpr"),
          [dict(MODEL_SCOPE=False, N=2, WEIGHTED=True, COUNT=True, MERGE=m, BLOCK=256) for m in range(3)]),
-        (dots.dots_kernel, dict(table_ptr=P, chunks_ptr=P, pairs_ptr=P, partials_ptr="*fp64", N="constexpr",
-                                P="constexpr", ACC_F64="constexpr", LOG="constexpr"),
-         [dict(N=3, P=6, ACC_F64=False, LOG=10), dict(N=2, P=1, ACC_F64=True, LOG=0)]),
+        (dots.dots_kernel, dict(table_ptr=P, chunks_ptr=P, pairs_ptr=P, partials_ptr="*fp64", n_chunks="i64",
+                                **dict.fromkeys(("N", "P", "IN_DT", "BASE_DT", "ACC_F64", "R", "LOG"), "constexpr")),
+         [dict(N=3, P=6, IN_DT=2, BASE_DT=0, ACC_F64=False, R=1, LOG=10),
+          dict(N=2, P=1, IN_DT=3, BASE_DT=-1, ACC_F64=True, R=8, LOG=0)]),
     ]
     for fn, signature, variants in kernels:
         for constexprs in variants:

@@ -60,8 +60,8 @@ PRIMITIVES: Dict[str, Primitive] = {p.name: p for p in (
               and j.values.shape[1] <= MAX_RANK_ROW, per_job=False),
     Primitive("uniforms", "Philox-uniform", reference.uniforms,
               lambda j: j.out.dtype == torch.int32 and j.out.is_contiguous(), per_job=False),
-    Primitive("dots", "sums-of-products", reductions.dots_reference, lambda j: kernel_supports(j.as_combine()),
-              per_job=False),
+    Primitive("dots", "sums-of-products", reductions.dots_reference,
+              lambda j: kernel_supports(j.as_combine()) and len({x.dtype for x in j.inputs}) == 1, per_job=False),
 )}
 KERNELS: Dict[str, Tuple[str, ...]] = {
     "combine": ("cpu", "cuda", "triton"),

@@ -14,7 +14,7 @@ from ..triton_kernels import combine as kernels
 from ..triton_kernels import dots as dots_kernels
 from ..triton_kernels import rank as rank_kernels
 from ..triton_kernels import ties as ties_kernels
-from ._table import MERGE_CODES, NUMEL, build_table
+from ._table import DTYPE_CODES, MERGE_CODES, NUMEL, build_table
 
 
 def combine(jobs: Sequence[CombineJob]) -> None:
@@ -98,14 +98,17 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
     for job in jobs:
         rank_kernels.launch_uniforms(job.key, job.out)
 def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
-    """reductions.dots_reference's sums: one launch per accumulation dtype writes each chunk's tree sums."""
+    """reductions.dots_reference's sums: one launch per input count and dtypes writes each chunk's tree sums."""
     device = jobs[0].device
-    max_chunk = dots_kernels.CHUNK_INTERPRETER if device.type == "cpu" else dots_kernels.CHUNK
+    tile = dots_kernels.CHUNK_INTERPRETER if device.type == "cpu" else dots_kernels.CHUNK
 
     def launch(group, chunks, pairs, partials, acc_f64, chunk):
         table, keep = build_table([j.as_combine() for j in group])
+        base = group[0].base
         dots_kernels.launch(table.to(device), chunks.to(device), pairs.to(device), partials,
-                            n_inputs=len(group[0].inputs), acc_f64=acc_f64, chunk=chunk)
+                            n_inputs=len(group[0].inputs), in_dtype=DTYPE_CODES[group[0].inputs[0].dtype],
+                            base_dtype=dots_kernels.NO_BASE if base is None else DTYPE_CODES[base.dtype],
+                            acc_f64=acc_f64, chunk=chunk, tile=tile)
         del keep
 
-    return run_chunked(jobs, spec, max_chunk, launch)
+    return run_chunked(jobs, spec, tile, launch)

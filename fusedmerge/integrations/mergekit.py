@@ -70,10 +70,14 @@ def _fused_group(original: FunctionalGroupMergeMethod, target: str, method, seed
 
     def fused(group: TensorGroup, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor if group.base is not None else None
-        models = group.non_base
-        per_model = tuple({k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in models)
-        call = GroupCall(base, [e.tensor for e in models], [], [], parameters, seed, group.entries[0].tensor.dtype,
-                         "auto", group.metadata.name or "tensor", per_model)
+        entries = [e for e in group.entries if not e.is_base]
+        weight = parameters.get("weight")  # mergekit's PerNonBase values, when the method has weights
+        weights = [float(w) for w in weight.values_for(entries)] if hasattr(weight, "values_for") else []
+        per_model = tuple({k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in entries)
+        params = {k: v for k, v in parameters.items() if k != "weight"}
+        call = GroupCall(base, [e.tensor for e in entries], weights, [], params, seed,
+                         (base if base is not None else entries[0].tensor).dtype, "auto",
+                         group.metadata.name or "tensor", per_model)
         return method.merge(call)
 
     return FunctionalGroupMergeMethod(dataclasses.replace(original.spec, name=target), fused)

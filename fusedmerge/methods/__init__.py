@@ -17,10 +17,13 @@ from .dare import DARE
 from .della import DELLA
 from .iso_c import ISO_C
 from .iso_cts import ISO_CTS
+from .karcher import KARCHER
 from .linear import AVERAGE, WEIGHTED_SUM
 from .magmax import MAGMAX
 from .model_stock import MODEL_STOCK
+from .multislerp import MULTISLERP
 from .nearswap import NEARSWAP
+from .nuslerp import NUSLERP
 from .opcm import OPCM
 from .passthrough import PASSTHROUGH
 from .sce import SCE
@@ -35,6 +38,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (AVERAGE, WEIGHTED_SUM, TASK_AR
                                                     PASSTHROUGH)}
 METHODS.update({m.name: m for m in (DELLA, BREADCRUMBS, SCE, NEARSWAP, ARCEE_FUSION)})  # the sparsification family
 METHODS.update({m.name: m for m in (TSV_M, ISO_C, ISO_CTS, MAGMAX, WUDI)})  # the singular-vector family
+METHODS.update({m.name: m for m in (NUSLERP, MULTISLERP, KARCHER)})  # the geometric family
 CONFIG_METHODS: Dict[str, ConfigMethod] = {c.name: c for m in METHODS.values() for c in m.config}
 FUSIONBENCH_ALGORITHMS: Dict[str, FusionBenchAlgorithm] = {a.name: a for m in METHODS.values() for a in m.fusionbench}
 

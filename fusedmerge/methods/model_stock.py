@@ -8,28 +8,30 @@ angle between their task vectors, per tensor (or per row).
                     t = N·cos ā / ((N−1)·cos ā + 1 + 1e-8)
     out = θ0 + (t/N)·Σ τᵢ   ( = t·mean(xᵢ) + (1−t)·θ0 )
 
-The Gram is accumulated in fp64 over column chunks (no N-fold copy of a tensor); the result is one fused
-launch of the linear combination (reference.combine_reference) with the coefficient t/N, per row for
-``filter_wise``. mergekit's model_stock does all of this in the inputs' dtype (bf16 maths for bf16 models)
-and FusionBench its cosines in fp32: results equal theirs up to that rounding. mergekit's mean of cosines is
+The Gram matrices of a whole group of tensors are one launch of the ``dots`` primitive (fp64 sums of the
+fp32 task vectors' products, fusedmerge/reductions.py; no N-fold copy), the ratios one vectorised fp64 step
+over all rows, and the result one fused launch of the linear combination (reference.combine_reference)
+with the coefficient t/N, per row for ``filter_wise``. mergekit's model_stock does all of this in the
+inputs' dtype (bf16 maths for bf16 models) and FusionBench its cosines in fp32: results equal theirs up to
+that rounding. mergekit's mean of cosines is
 the paper's rule (its author confirmed it); FusionBench averages the angles, which differs for N > 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .. import dispatch, reference
 from .. import options as opt
-from .._forms import Slot, gather, gather_like, prepare
-from ..reference import CombineJob
+from .. import reference
+from .._forms import gather, gather_like, prepare
+from ..reductions import DotsJob, DotsSpec, dots, gram_matrix, gram_pairs
+from ._reduce import combine_rows, group_sums, rows_of, run_combine
 from ._spec import ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 VARIANTS = ("mergekit", "fusionbench")
-GRAM_CHUNK = 1 << 22  # elements of N deltas held at once while accumulating a Gram matrix
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,10 @@ class ModelStockOptions:
             raise ValueError("filter_wise: FusionBench's ModelStock works per tensor only; use variant='mergekit'")
 
 
-def gram(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    """⟨τᵢ, τⱼ⟩ per row of the tensors seen as [rows, -1], in fp64: [rows, N, N]."""
-    b = base.reshape(rows, -1)
-    xs = [x.reshape(rows, -1) for x in inputs]
-    g = torch.zeros((rows, len(xs), len(xs)), dtype=torch.float64, device=base.device)
-    step = max(1, GRAM_CHUNK // max(rows * len(xs), 1))
-    for start in range(0, b.shape[1], step):
-        bb = b[:, start:start + step].double()
-        d = torch.stack([x[:, start:start + step].double() - bb for x in xs], dim=1)
-        g += d @ d.transpose(1, 2)
-    return g
+def gram(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int, backend: str = "auto") -> torch.Tensor:
+    """⟨τᵢ, τⱼ⟩ per row of the tensors seen as [rows, -1], in fp64 (the dots primitive): [rows, N, N]."""
+    sums = dots([DotsJob(inputs, base, rows)], DotsSpec(gram_pairs(len(inputs))), backend)[0]
+    return gram_matrix(sums, len(inputs))
 
 
 def ratios(g: torch.Tensor, variant: str) -> torch.Tensor:
@@ -76,18 +71,6 @@ def ratios(g: torch.Tensor, variant: str) -> torch.Tensor:
     return n * mean_cos / ((n - 1) * mean_cos + 1 + 1e-8)
 
 
-def _jobs(slot: Slot, o: ModelStockOptions) -> List[CombineJob]:
-    """One combination job per tensor, or per row (filter_wise), with the coefficient t/N for every input."""
-    n = len(slot.inputs)
-    rows = max(slot.out.numel() // slot.out.shape[-1], 1) if o.filter_wise and slot.out.dim() > 1 else 1
-    t = ratios(gram(slot.base, slot.inputs, rows), o.variant).tolist()
-    if rows == 1:
-        return [CombineJob(slot.out, slot.inputs, [t[0] / n] * n, slot.base)]
-    view = lambda x: x.reshape(rows, -1)  # noqa: E731
-    out, base, xs = view(slot.out), view(slot.base), [view(x) for x in slot.inputs]
-    return [CombineJob(out[r], [x[r] for x in xs], [t[r] / n] * n, base[r]) for r in range(rows)]
-
-
 @torch.no_grad()
 def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "mergekit", name: str = "tensor",
                 out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
@@ -100,12 +83,13 @@ def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "merg
                          f"{len(forms.dicts)}")
     base_dict = gather_like(base, forms, "base")
     merged, slots = prepare(forms, base_dict, o.out_dtype)
-    jobs = {}
-    for slot in slots:
-        if slot.out.numel():
-            jobs.setdefault(slot.out.device, []).extend(_jobs(slot, o))
-    for device_jobs in jobs.values():
-        dispatch.run("combine", device_jobs, backend)
+    n = len(forms.dicts)
+    jobs = [DotsJob(s.inputs, s.base, rows_of(s.out, o.filter_wise)) for s in slots]
+    sums = group_sums(jobs, DotsSpec(gram_pairs(n)), backend)
+    t = ratios(gram_matrix(sums, n), o.variant)
+    per_slot = torch.split((t / n).unsqueeze(1).expand(-1, n), [j.rows for j in jobs])
+    run_combine([c for s, ts in zip(slots, per_slot) for c in combine_rows(s.out, s.inputs, s.base, ts, "inputs")],
+                backend)
     return forms.wrap(merged)
 
 
@@ -154,7 +138,7 @@ def _fb_model_stock(algo, pool):
 
 
 MODEL_STOCK = Method(
-    "model_stock", model_stock, ModelStockOptions, reference.combine, ("combine",),
+    "model_stock", model_stock, ModelStockOptions, reference.combine, ("dots", "combine"),
     config=(MERGEKIT_MODEL_STOCK,),
     fusionbench=(FusionBenchAlgorithm("FusedModelStock", "ModelStock",
                                       (("ignore_keys", None), ("model_save_path", None), ("model_save_kwargs", None)),

@@ -5,29 +5,32 @@
                 otherwise:            θ = acos(d), cₐ = sin((1−t)θ)/sin θ, c_b = sin(tθ)/sin θ
     out = cₐ·a + c_b·b
 
-a is the base (t = 0 gives it), b the one other model. The per-tensor coefficients are computed exactly as
-the peer named by ``variant`` computes them (the same torch operations on the tensors' device, so the same
-bits): ``"mergekit"`` (mergekit 0.1.5 slerp.py: norms of chunk norms, dot of normalised chunks clamped to
-[−1, 1], in fp32, fp64 for fp64 inputs) or ``"fusionbench"`` (FusionBench slerp_utils.slerp: fp32 norm,
-unclamped dot, θ₀ − θ₀t). The elementwise step cₐ·a + c_b·b is the fused linear combination
-(reference.combine_reference), so with the peers' coefficients the result equals theirs bit for bit: both
-compute it in fp32 (fp64) without FMA and round once to the inputs' dtype.
+a is the base (t = 0 gives it), b the one other model. The three sums Σa², Σb², Σab of every tensor of a
+group are one launch of the ``dots`` primitive (fp64, fusedmerge/reductions.py), the coefficients one
+vectorised fp64 step over all tensors with the conventions of the peer named by ``variant``:
+``"mergekit"`` (mergekit 0.1.5 slerp.py: norms ≤ eps left at 1, d clamped to [−1, 1]) or ``"fusionbench"``
+(FusionBench slerp_utils.slerp: unclamped d, sin(θ₀ − tθ₀)), and the elementwise step cₐ·a + c_b·b one
+fused linear-combination launch (reference.combine_reference: fp32, fp64 for fp64 inputs, rounded once).
+The peers compute their norms and dot in fp32 (fp64) by their own summation order, so their coefficients
+differ from these fp64 ones by fp32 rounding: results are within 2 ulps of the output dtype (relative to
+max(|a|, |b|) elementwise) of theirs, and usually equal (tests/test_slerp.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from .. import options as opt
 from .. import reference
-from .._forms import Forms, Terms, gather, gather_like, merge_linear
+from .._forms import Forms, Slot, gather, gather_like, prepare
+from ..reductions import DotsJob, DotsSpec
+from ._reduce import combine_rows, group_sums, run_combine
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 VARIANTS = ("mergekit", "fusionbench")
-MERGEKIT_CHUNK = 1 << 20  # mergekit's _CHUNK_ELEMENTS: its norms and dot are summed chunk by chunk
 
 
 @dataclass(frozen=True)
@@ -45,51 +48,32 @@ class SlerpOptions:
                       name=opt.text(self.name, "name"), out_dtype=opt.out_dtype(self.out_dtype))
 
 
-def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, threshold: float = 0.9995,
-                          eps: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(cₐ, c_b) per row of a, b [rows, n] and t [rows], as mergekit 0.1.5's slerp() computes them."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    t = t.reshape(-1, 1).to(dtype)
-    if not a.shape[1]:
-        return 1 - t, t
-    chunk = max(1, MERGEKIT_CHUNK // a.shape[0])
-    spans = [(s, s + chunk) for s in range(0, a.shape[1], chunk)]
-    norm = lambda x: torch.linalg.vector_norm(  # noqa: E731
-        torch.stack([torch.linalg.vector_norm(x[:, i:j].to(dtype), dim=1, keepdim=True) for i, j in spans]), dim=0)
-    norm_a, norm_b = norm(a), norm(b)
+def coefficients(sums: torch.Tensor, t: torch.Tensor, variant: str = "mergekit", threshold: float = 0.9995,
+                 eps: float = 1e-8) -> torch.Tensor:
+    """[rows, 2] fp64 (cₐ, c_b) from the sums [rows, 3] = (Σa², Σb², Σab) and t [rows], as `variant` does."""
+    t = t.to(torch.float64)
+    norm_a, norm_b = sums[:, 0].sqrt(), sums[:, 1].sqrt()
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([((a[:, i:j].to(dtype) / norm_a) * (b[:, i:j].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
-                       for i, j in spans]).sum(dim=0).clamp(-1, 1)
+    dot = sums[:, 2] / (norm_a * norm_b)
+    if variant == "mergekit":
+        dot = dot.clamp(-1, 1)
     linear = dot.abs() > threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
-    return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
-            torch.where(linear, t, torch.sin(t * theta) / sin_theta))
+    far = (torch.sin((1 - t) * theta) if variant == "mergekit" else torch.sin(theta - theta * t)) / sin_theta
+    return torch.stack([torch.where(linear, 1 - t, far), torch.where(linear, t, torch.sin(t * theta) / sin_theta)], 1)
 
 
-def fusionbench_coefficients(a: torch.Tensor, b: torch.Tensor, t: float, threshold: float = 0.9995,
-                             eps: float = 1e-8) -> Tuple[float, float]:
-    """(s₀, s₁) as FusionBench 0.2.33's slerp_utils.slerp computes them (inputs other than fp32/fp64 in fp32)."""
-    if a.dtype not in (torch.float32, torch.float64):
-        a, b = a.float(), b.float()
-    unit = lambda v: v / n if (n := torch.linalg.norm(v)) > eps else v  # noqa: E731
-    dot = torch.sum(unit(a) * unit(b))
-    if torch.abs(dot) > threshold:
-        return 1 - t, t
-    theta_0 = torch.arccos(dot)
-    sin_theta_0 = torch.sin(theta_0)
-    theta_t = theta_0 * t
-    return float(torch.sin(theta_0 - theta_t) / sin_theta_0), float(torch.sin(theta_t) / sin_theta_0)
+SUMS = DotsSpec(((0, 0), (1, 1), (0, 1)))
 
 
-def coefficients(a: torch.Tensor, b: torch.Tensor, o: SlerpOptions) -> Tuple[float, float]:
-    """The two coefficients of one tensor pair under the options' variant."""
-    if o.variant == "fusionbench":
-        return fusionbench_coefficients(a, b, o.t, o.dot_threshold, o.eps)
-    t = torch.tensor([o.t], dtype=torch.float64)
-    ca, cb = mergekit_coefficients(a.reshape(1, -1), b.reshape(1, -1), t, o.dot_threshold, o.eps)
-    return float(ca), float(cb)
+def _merge_pairs(slots, rows, t: torch.Tensor, o: SlerpOptions, backend: str) -> None:
+    """One dots launch for every slot's sums (per tensor, or per row: `rows`), one combine launch."""
+    sums = group_sums([DotsJob(s.inputs, None, r) for s, r in zip(slots, rows)], SUMS, backend)
+    c = coefficients(sums, t, o.variant, o.dot_threshold, o.eps)
+    run_combine([job for s, r, cs in zip(slots, rows, torch.split(c, rows))
+                 for job in combine_rows(s.out, s.inputs, None, cs, "t")], backend)
 
 
 @torch.no_grad()
@@ -104,8 +88,9 @@ def slerp(base, inputs, t: float, *, variant: str = "mergekit", dot_threshold: f
         raise ValueError(f"slerp interpolates between base and exactly one model; inputs has {len(forms.dicts)}")
     base_dict = gather_like(base, forms, "base")
     pair = Forms(forms.kind, [base_dict, forms.dicts[0]], base, forms.name)
-    terms = lambda slots: [Terms(coefficients(s.inputs[0], s.inputs[1], o)) for s in slots]  # noqa: E731
-    return pair.wrap(merge_linear(pair, terms, None, o.out_dtype, backend, arg="t"))
+    merged, slots = prepare(pair, None, o.out_dtype)
+    _merge_pairs(slots, [1] * len(slots), torch.full((len(slots),), o.t, dtype=torch.float64), o, backend)
+    return pair.wrap(merged)
 
 
 # --- peers --------------------------------------------------------------------------------------------------
@@ -119,19 +104,17 @@ def _mergekit_slerp(call: GroupCall):
 
 
 def _mergekit_slerp_batch(tensors: Sequence[torch.Tensor], base_index, params) -> torch.Tensor:
-    """mergekit's batched slerp: rows of one shape, t per row; one fused launch for all rows."""
+    """mergekit's batched slerp: rows of one shape, t per row; one dots and one combine launch for all rows."""
     if not tensors[0].is_floating_point():
         raise TypeError("SLERP requires floating-point tensors")
     if base_index is None or len(tensors) != 2:
         raise ValueError("SLERP requires a base and one other input")
     a, b = tensors[base_index], tensors[1 - base_index]
     rows = a.shape[0]
-    ca, cb = mergekit_coefficients(a.reshape(rows, -1), b.reshape(rows, -1), params["t"])
-    keys = [str(r) for r in range(rows)]
-    forms = gather([{k: a[r] for r, k in enumerate(keys)}, {k: b[r] for r, k in enumerate(keys)}])
-    merged = merge_linear(forms, lambda slots: [Terms([float(ca[int(s.key)]), float(cb[int(s.key)])]) for s in slots],
-                          None, a.dtype, "auto")
-    return torch.stack([merged[k] for k in keys])
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    t = torch.as_tensor(params["t"], dtype=torch.float64).reshape(-1).expand(rows).cpu()
+    _merge_pairs([Slot("batch", out, [a, b], None)], [rows], t, SlerpOptions(0.0), "auto")
+    return out
 
 
 def _check_pair(models) -> None:
@@ -157,7 +140,7 @@ def _fb_slerp(algo, pool):
 
 
 SLERP = Method(
-    "slerp", slerp, SlerpOptions, reference.combine, ("combine",), n_inputs=1,
+    "slerp", slerp, SlerpOptions, reference.combine, ("dots", "combine"), n_inputs=1,
     config=(MERGEKIT_SLERP,),
     fusionbench=(FusionBenchAlgorithm("FusedSlerpMerge", "SlerpMergeAlgorithm",
                                       (("t", REQUIRED), ("DOT_THRESHOLD", 0.9995), ("epsilon", 1e-8)), _fb_slerp,
