@@ -1,7 +1,8 @@
 """End to end, from disk to disk: `fusedmerge merge` against `mergekit-yaml` (mergekit from PyPI, bench
 extra) on synthetic Llama-shaped checkpoints of ≈ 0.95B parameters (hidden 2048, 16 layers, vocab 32000),
-bf16, 500 MB shards, base + 3 models; methods linear, ties, dare_ties, della and breadcrumbs_ties (density
-0.3; della's epsilon and breadcrumbs' gamma at mergekit's defaults). Wall time and peak
+bf16, 500 MB shards, base + 3 models; methods linear, ties, dare_ties, model_stock, della and breadcrumbs_ties
+(density 0.3; della's epsilon and breadcrumbs' gamma at mergekit's defaults), and slerp of the base and one
+model with t a gradient per filter over one slice (mergekit's examples/gradient-slerp.yml). Wall time and peak
 RSS of each command in one run. Issue targets on this CPU: ≥ 3× faster, ≤ ¼ of mergekit's peak RSS.
 
 The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e) and
@@ -56,14 +57,32 @@ def warm_page_cache():
                    env=ENV, check=True)
 
 
+SLERP_T = """parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5"""
+
+
 def config(method: str) -> str:
-    lines = [f"merge_method: {method}"]
-    if method != "linear":
-        lines.append(f"base_model: {ROOT}/base")
-    lines.append("models:")
-    for i in range(MODELS):
-        density = ", density: 0.3" if method != "linear" else ""
-        lines += [f"  - model: {ROOT}/m{i}", f"    parameters: {{weight: 1.0{density}}}"]
+    """mergekit YAML for `method`: slerp is mergekit's examples/gradient-slerp.yml shape (base and one model,
+    one slice over all 16 layers, t a gradient per filter); the others merge base + 3 models, density 0.3."""
+    if method == "slerp":
+        lines = ["slices:", "  - sources:"]
+        for name in ("base", "m0"):
+            lines += [f"      - model: {ROOT}/{name}", "        layer_range: [0, 16]"]
+        lines += ["merge_method: slerp", f"base_model: {ROOT}/base", SLERP_T]
+    else:
+        lines = [f"merge_method: {method}"]
+        if method != "linear":
+            lines.append(f"base_model: {ROOT}/base")
+        lines.append("models:")
+        for i in range(MODELS):
+            params = ["weight: 1.0"] if method != "model_stock" else []
+            params += ["density: 0.3"] if method not in ("linear", "model_stock") else []
+            lines += [f"  - model: {ROOT}/m{i}"] + ([f"    parameters: {{{', '.join(params)}}}"] if params else [])
     lines.append("dtype: bfloat16")
     path = os.path.join(ROOT, f"{method}.yml")
     with open(path, "w") as f:
@@ -86,7 +105,7 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("impl", list(COMMANDS))
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "della", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp", "model_stock", "della", "breadcrumbs_ties"])
 def test_merge_end_to_end(benchmark, method, impl):
     if impl == "mergekit" and shutil.which("mergekit-yaml") is None:
         pytest.skip("mergekit not installed (pip install '.[bench]')")

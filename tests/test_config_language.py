@@ -330,3 +330,28 @@ def test_plugin_passthrough_gives_mergekits_bits(scale):
         fused.uninstall()
     want = merge_tensors([x], "passthrough", parameters=params)
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+BASE_USES = {  # mergekit's OPTIONAL base (nuslerp: task vectors) and IGNORED base (karcher: one more model)
+    "nuslerp": "merge_method: nuslerp\nbase_model: @base\nmodels:\n  - model: @m0\n    parameters: {weight: 0.3}\n"
+               "  - model: @m1\n    parameters: {weight: 0.7}\n",
+    "karcher": "merge_method: karcher\nbase_model: @base\nmodels:\n  - model: @m0\n  - model: @m1\n",
+}
+
+
+@pytest.mark.parametrize("name", list(BASE_USES))
+def test_a_base_model_is_the_optional_base_or_one_more_model_as_in_mergekit(ckpts, tmp_path, name):
+    import fusedmerge
+
+    path = _write(tmp_path / "c.yml", BASE_USES[name], ckpts)
+    assert cli.main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    got = load(tmp_path / "out")
+    base, m0, m1 = (load(ckpts / n) for n in ("base", "m0", "m1"))
+    if name == "nuslerp":
+        want, without = fusedmerge.nuslerp(base, [m0, m1], [0.3, 0.7]), fusedmerge.nuslerp(None, [m0, m1], [0.3, 0.7])
+    else:
+        want, without = fusedmerge.karcher([base, m0, m1]), fusedmerge.karcher([m0, m1])
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert any(not torch.equal(got[k], without[k]) for k in want)

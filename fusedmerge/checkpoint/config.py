@@ -44,6 +44,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
+_BASE_NOTE = {None: ", no base_model", "optional": ", base_model optional", "input": ", a base_model is one more model"}
+
+
 def describe_methods() -> str:
     """The methods a configuration may name, with their keys (for --help)."""
     lines = []
@@ -52,7 +55,7 @@ def describe_methods() -> str:
         show = lambda k, p: f"{k} (required)" if p.default is REQUIRED else f"{k}={p.default}"  # noqa: E731
         keys = ", ".join(show(k, p) for k, p in c.model_params.items()) or "none"
         glob = ", ".join(show(k, p) for k, p in c.global_params.items()) or "none"
-        lines.append(f"{c.name} ({peer}{'' if c.needs_base else ', no base_model'}): {c.doc}; "
+        lines.append(f"{c.name} ({peer}{_BASE_NOTE[c.base_use] if not c.needs_base else ''}): {c.doc}; "
                      f"per model: {keys}; parameters: {glob}")
     return "\n".join(lines) + "\n\n" + LANGUAGE
 
@@ -282,13 +285,15 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     params = _settings(data.get("parameters"), spec, "parameters", True)
     base = data.get("base_model")
     if not spec.needs_base:
-        if base is not None:
+        if base is not None and spec.base_use is None:
             raise ConfigError(f"{method} takes no base_model (mergekit ignores it); list it under models instead")
     elif base is None:
         raise ConfigError(f"{method} needs a base_model")
     base = _path(base, "base_model", root) if base is not None else None
     layered = "slices" in data
     slices = _slices(data["slices"], spec, base, root) if layered else [_models(data["models"], spec, base, root)]
+    if spec.base_use == "input":
+        base = None  # one of the models now (mergekit's IGNORED base)
     for s in slices:
         _check_models(spec, s, params)
     given = [params] + [s.params for s in slices]
@@ -325,6 +330,8 @@ def _models(raw, spec: ConfigMethod, base: Optional[str], root: str) -> Slice:
     others = [m for m in models if m.path != base]
     if spec.peer == "mergekit" and others:
         models = others
+    if base and spec.base_use == "input":
+        return Slice(None, [Source(base, where="base_model")] + others)
     return Slice(Source(base, where="base_model") if base else None, models)
 
 
@@ -349,11 +356,11 @@ def _slices(raw, spec: ConfigMethod, base: Optional[str], root: str) -> List[Sli
             raise ConfigError(f"{where}: all sources of a slice must have the same number of layers, got "
                               f"{[list(s.layers) for s in sources]}")
         slice_base = item.get("base_model")
-        if slice_base is not None and not spec.needs_base:
+        if slice_base is not None and not spec.needs_base and spec.base_use is None:
             raise ConfigError(f"{where}.base_model: {spec.name} takes no base_model")
         slice_base = _path(slice_base, f"{where}.base_model", root) if slice_base is not None else base
         params = _settings(item.get("parameters"), spec, f"{where}.parameters", True)
-        if spec.needs_base:
+        if spec.needs_base or (slice_base is not None and spec.base_use == "optional"):
             found = [s for s in sources if s.path == slice_base]
             if len(found) != 1:
                 raise ConfigError(f"{where}: the base model {slice_base} must be one of its sources (once), as "

@@ -88,7 +88,10 @@ class ConfigMethod:
     `whole_model` methods (OPCM) see the whole model at once instead and have `merge` None. `check` refuses,
     when the configuration is read, what the method cannot carry out (it gets each non-base model's
     parameters). `batch` is the mergekit plugin's entry for mergekit's batched methods (linear, slerp):
-    (tensors shaped [rows, ...], base index, mergekit's parameters) -> merged rows."""
+    (tensors shaped [rows, ...], base index, mergekit's parameters) -> merged rows. `base_use`, for a method
+    that does not need a base: None refuses a `base_model`; "optional" merges with it when one is given
+    (mergekit's OPTIONAL base: nuslerp, multislerp); "input" takes it as one more model (mergekit's IGNORED
+    base: karcher)."""
 
     name: str
     peer: Optional[str]
@@ -100,6 +103,7 @@ class ConfigMethod:
     batch: Optional[Callable[[Sequence[torch.Tensor], Optional[int], Mapping[str, Any]], torch.Tensor]] = None
     whole_model: bool = False
     doc: str = ""
+    base_use: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ MERGEKIT_KARCHER = ConfigMethod(
     "karcher", "mergekit", needs_base=False, model_params={},
     global_params={"max_iter": Param("number", 10, doc="iterations at most"),
                    "tol": Param("number", 1e-5, doc="convergence and zero-norm tolerance")},
-    merge=_mergekit_karcher, doc="Riemannian mean on the unit sphere, rescaled to the mean norm, per tensor")
+    merge=_mergekit_karcher, doc="Riemannian mean on the unit sphere, rescaled to the mean norm, per tensor", base_use="input")
 
 KARCHER = Method(
     "karcher", karcher, KarcherOptions, reference.combine, ("dots", "combine"), takes_base=False,

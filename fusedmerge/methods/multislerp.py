@@ -97,7 +97,7 @@ MERGEKIT_MULTISLERP = ConfigMethod(
     global_params={"normalize_weights": Param("bool", True, doc="w ← w/Σw"),
                    "eps": Param("number", 1e-8, doc="uᵢ = Xᵢ/(‖Xᵢ‖ + eps)")},
     merge=_mergekit_multislerp,
-    doc="weighted mean direction on the sphere, rescaled to the weighted mean norm, per tensor")
+    doc="weighted mean direction on the sphere, rescaled to the weighted mean norm, per tensor", base_use="optional")
 
 MULTISLERP = Method(
     "multislerp", multislerp, MultislerpOptions, reference.combine, ("dots", "combine"),

@@ -116,7 +116,7 @@ MERGEKIT_NUSLERP = ConfigMethod(
     global_params={"nuslerp_flatten": Param("bool", True, doc="one vector per tensor"),
                    "nuslerp_row_wise": Param("bool", False, doc="vectors along dim 0 (columns) when not flattened")},
     merge=_mergekit_nuslerp, check=_check_two,
-    doc="SLERP of two models (of their task vectors with a base_model), per tensor, row or column")
+    doc="SLERP of two models (of their task vectors with a base_model), per tensor, row or column", base_use="optional")
 
 NUSLERP = Method(
     "nuslerp", nuslerp, NuslerpOptions, reference.combine, ("dots", "combine"), n_inputs=2,
