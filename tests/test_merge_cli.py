@@ -6,7 +6,6 @@ import errno
 import filecmp
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 
 import fusedmerge
 from conftest import load_model_dir as load
+from conftest import peak_rss_mb
 from fusedmerge import cli
 from fusedmerge.checkpoint import output
 from fusedmerge.checkpoint.model_dir import ModelDir
@@ -159,14 +159,6 @@ def test_torchrun_world_sizes_one_and_two_write_identical_files(ckpts, tmp_path)
     assert outs[0] == outs[1]
 
 
-def _peak_rss_mb(code):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code], env=ENV, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert after >= before
-    return after / 1024
-
-
 def test_peak_memory_follows_the_budget_not_the_model_size(tmp_path):
     """Four checkpoints of ~55 MB (220 MB to read) merged with a 16 MB budget: the merge's peak resident
     memory stays within the budget plus a fixed allowance above the interpreter's own."""
@@ -178,8 +170,8 @@ def test_peak_memory_follows_the_budget_not_the_model_size(tmp_path):
                 for f in os.listdir(tmp_path / d) if f.endswith(".safetensors"))
     assert total > 200e6
     cfg = config(tmp_path, "task_arithmetic")
-    idle = _peak_rss_mb("import fusedmerge.cli, fusedmerge.checkpoint.merge, torch; torch.ones(1).add_(1)")
-    busy = _peak_rss_mb(f"from fusedmerge import cli; raise SystemExit(cli.main(['merge', {cfg!r}, "
+    idle = peak_rss_mb("import fusedmerge.cli, fusedmerge.checkpoint.merge, torch; torch.ones(1).add_(1)")
+    busy = peak_rss_mb(f"from fusedmerge import cli; raise SystemExit(cli.main(['merge', {cfg!r}, "
                         f"{str(tmp_path / 'out')!r}, '--memory-budget', '16MB', '--quiet']))")
     assert (tmp_path / "out" / output.INDEX).exists()
     assert busy - idle < 16 + 40, f"peak {busy:.0f} MB vs {idle:.0f} MB idle, inputs {total / 1e6:.0f} MB"

@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from .blocks import merge_tensor
 from .config import MergeConfig
 from .model_dir import ModelDir
 from .outdir import Signals, Workspace, clean_stale, refuse_inputs
@@ -242,17 +243,27 @@ def _stream(cfg: MergeConfig, dirs: List[ModelDir], has_base: bool, plan: ShardP
             rank: int) -> None:
     mine = plan.keys_of(rank)
     cost = {k: sum(d.nbytes(k) for d in dirs) + plan.nbytes(k) for k in mine}
-    groups = _groups(mine, cost, max(opts.memory_budget // 2, 1))
+    limit = max(opts.memory_budget // 2, 1)
+    groups = _groups(mine, cost, limit)
+    blocked = {i for i, g in enumerate(groups) if cfg.spec.blocks is not None and cost[g[0]] > limit}
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
     try:
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(_touch, dirs, groups[0]) if groups else None
+            touch = lambda i: pool.submit(_touch, dirs, [] if i in blocked else groups[i])  # noqa: E731
+            pending = touch(0) if groups else None
             for i, group in enumerate(groups):
                 pending.result()
                 _check_unchanged(dirs)
                 if i + 1 < len(groups):
-                    pending = pool.submit(_touch, dirs, groups[i + 1])
+                    pending = touch(i + 1)
+                if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
+                    k = group[0]
+                    call = lambda base, models: cfg.group_call(base, models, opts.backend)  # noqa: E731
+                    writer.write_blocks(k, merge_tensor(k, cfg.spec.blocks, dirs, has_base, plan.entries[k][1], limit,
+                                                        opts.device, call, cfg.spec.merge), plan.entries[k][1])
+                    progress.update(1, plan.nbytes(k))
+                    continue
                 sds = [{k: d.tensor(k).to(opts.device) for k in group} for d in dirs]
                 base_sd = sds[0] if has_base else None
                 model_sds = sds[1:] if has_base else sds

@@ -1,0 +1,86 @@
+"""Row-blocked merging (checkpoint/blocks.py, methods/_spec.py RowBlocks): a tensor larger than half the
+memory budget is merged in blocks with the same bits as whole, and peak memory follows the budget."""
+
+import filecmp
+import os
+
+import pytest
+
+from conftest import peak_rss_mb
+from fusedmerge import cli
+from fusedmerge.checkpoint import merge, output
+from fusedmerge.checkpoint.blocks import merge_tensor, spans
+from fusedmerge.methods import CONFIG_METHODS
+from fusedmerge.synthetic import write_checkpoint
+
+METHODS = {  # method: (models, global parameters, per-model parameters)
+    "linear": (3, "", "weight: 0.7"),
+    "task_arithmetic": (3, "lambda: 0.8", "weight: 0.7"),
+}
+
+
+def _config(root, method):
+    n, params, model_params = METHODS[method]
+    base = CONFIG_METHODS[method].needs_base
+    lines = [f"merge_method: {method}"] + ([f"base_model: {root / 'base'}"] if base else []) + ["models:"]
+    for i in range(n):
+        lines += [f"  - model: {root / f'm{i}'}", f"    parameters: {{{model_params}}}"]
+    lines += [f"parameters: {{{params}}}", "seed: 5"]
+    path = root / f"{method}.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _files(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors") or f.endswith(".json"))
+
+
+def test_spans_cover_the_tensor_in_aligned_blocks():
+    parts = spans((40, 33), per_element=10, limit=1000, align=128)
+    assert [p.first for p in parts] == list(range(0, 1320, 128))
+    assert sum(p.numel for p in parts) == 1320 and parts[-1].numel == 1320 - 1280
+    assert [p.numel for p in spans((7,), per_element=10, limit=5, align=3)] == [3, 3, 1]  # at least one unit
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_blocked_merge_equals_whole(small_llama_ckpts, tmp_path, method, monkeypatch):
+    """Budget 16 KB: every tensor over 8 KB (embedding, lm_head, MLP, attention) goes in blocks of a few
+    hundred elements (aligned as the method asks);
+    the output files equal those of a budget that holds the whole model."""
+    assert CONFIG_METHODS[method].blocks is not None
+    cfg = _config(small_llama_ckpts, method)
+    blocked = []
+
+    def counted(key, *args):
+        for block in merge_tensor(key, *args):
+            blocked.append(key)
+            yield block
+
+    monkeypatch.setattr(merge, "merge_tensor", counted)
+    outs = []
+    for budget in ("1GB", "16KB"):
+        out = tmp_path / budget
+        assert cli.main(["merge", cfg, str(out), "--quiet", "--memory-budget", budget]) == 0
+        outs.append(out)
+    assert blocked.count("model.embed_tokens.weight") > 2 and blocked.count("lm_head.weight") > 2
+    names = _files(outs[0])
+    assert names == _files(outs[1]) and any(n.endswith(".safetensors") for n in names)
+    match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_peak_memory_stays_within_budget_for_a_tensor_four_times_larger(tmp_path):
+    """One 32 MB bf16 embedding (per model; 4 models and the output: 160 MB of that tensor) merged with an
+    8 MB budget: peak RSS stays within the budget plus the allowance the streaming RSS test grants."""
+    shapes = {"model.embed_tokens.weight": (8192, 2048), "model.norm.weight": (2048,)}
+    write_checkpoint(str(tmp_path / "base"), shapes)
+    for i in range(3):
+        write_checkpoint(str(tmp_path / f"m{i}"), shapes, i)
+    budget_mb = 8
+    assert 8192 * 2048 * 2 >= 4 * budget_mb * 1e6
+    cfg = _config(tmp_path, "task_arithmetic")
+    idle = peak_rss_mb("import fusedmerge.cli, fusedmerge.checkpoint.merge, torch; torch.ones(1).add_(1)")
+    busy = peak_rss_mb(f"from fusedmerge import cli; raise SystemExit(cli.main(['merge', {cfg!r}, "
+                       f"{str(tmp_path / 'out')!r}, '--memory-budget', '{budget_mb}MB', '--quiet']))")
+    assert (tmp_path / "out" / output.INDEX).exists()
+    assert busy - idle < budget_mb + 40, f"peak {busy:.0f} MB vs {idle:.0f} MB idle"
