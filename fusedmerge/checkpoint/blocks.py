@@ -46,11 +46,12 @@ def merge_tensor(key: str, blocks: RowBlocks, dirs: Sequence[ModelDir], has_base
 
     stats = None
     for p in blocks.passes:
-        partials = []
+        total = None
         for span in parts:
-            partials.append(p.partial(call_of(span), span, stats))
+            partial = p.partial(call_of(span), span, stats)
+            total = partial if total is None else p.combine(total, partial)
             release(span)
-        stats = p.combine(partials, stats)
+        stats = p.finish(total, stats)
     for span in parts:
         call = call_of(span)
         merged = blocks.merge(call, span, stats) if blocks.merge is not None else whole_merge(call)

@@ -87,14 +87,17 @@ class Span:
 class BlockPass:
     """One statistics pass of a blocked merge, over every block of the tensor in order.
 
-    partial(call, span, stats): the statistics of one block (stats: what the earlier passes combined, None
-        in the first pass).
-    combine(partials, stats): the partials of every block, in block order, into the tensor's statistics,
-        exactly (bit for bit) what the whole tensor gives, or within a bound the method documents.
+    partial(call, span, stats): the statistics of one block (stats: what the earlier passes gave, None in
+        the first pass).
+    combine(total, partial): folds the next block's partial into the running total, in block order (the
+        first block's partial is the first total), so that memory holds one total, not one per block.
+    finish(total, stats): the tensor's statistics from the total (and the earlier passes'): exactly (bit for
+        bit) what the whole tensor gives, or within a bound the method documents and tests.
     """
 
     partial: Callable[[GroupCall, Span, Any], Any]
-    combine: Callable[[List[Any], Any], Any]
+    combine: Callable[[Any, Any], Any]
+    finish: Callable[[Any, Any], Any] = lambda total, stats: total
 
 
 @dataclass(frozen=True)
