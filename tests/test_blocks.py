@@ -10,23 +10,29 @@ from conftest import peak_rss_mb
 from fusedmerge import cli
 from fusedmerge.checkpoint import merge, output
 from fusedmerge.checkpoint.blocks import merge_tensor, spans
-from fusedmerge.methods import CONFIG_METHODS
+from fusedmerge.methods import CONFIG_METHODS, model_stock, slerp
 from fusedmerge.synthetic import write_checkpoint
 
-METHODS = {  # method: (models, global parameters, per-model parameters)
-    "linear": (3, "", "weight: 0.7"),
-    "task_arithmetic": (3, "lambda: 0.8", "weight: 0.7"),
+METHODS = {  # name: (method, models, global parameters, per-model parameters)
+    "linear": ("linear", 3, "", "weight: 0.7"),
+    "task_arithmetic": ("task_arithmetic", 3, "lambda: 0.8", "weight: 0.7"),
+    "dare_linear": ("dare_linear", 3, "lambda: 0.9", "weight: 0.7, density: 0.6"),
+    "ties": ("ties", 3, "lambda: 0.9", "weight: 0.7, density: 0.3"),
+    "dare_ties": ("dare_ties", 3, "", "weight: 0.7, density: 0.5"),
+    "slerp": ("slerp", 1, "t: 0.3", ""),
+    "model_stock": ("model_stock", 3, "", ""),
+    "model_stock_rows": ("model_stock", 3, "filter_wise: true", ""),
 }
 
 
-def _config(root, method):
-    n, params, model_params = METHODS[method]
+def _config(root, name):
+    method, n, params, model_params = METHODS[name]
     base = CONFIG_METHODS[method].needs_base
     lines = [f"merge_method: {method}"] + ([f"base_model: {root / 'base'}"] if base else []) + ["models:"]
     for i in range(n):
-        lines += [f"  - model: {root / f'm{i}'}", f"    parameters: {{{model_params}}}"]
-    lines += [f"parameters: {{{params}}}", "seed: 5"]
-    path = root / f"{method}.yml"
+        lines += [f"  - model: {root / f'm{i}'}"] + ([f"    parameters: {{{model_params}}}"] if model_params else [])
+    lines += ([f"parameters: {{{params}}}"] if params else []) + ["seed: 5"]
+    path = root / f"{name}.yml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -45,9 +51,12 @@ def test_spans_cover_the_tensor_in_aligned_blocks():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_blocked_merge_equals_whole(small_llama_ckpts, tmp_path, method, monkeypatch):
     """Budget 16 KB: every tensor over 8 KB (embedding, lm_head, MLP, attention) goes in blocks of a few
-    hundred elements (aligned as the method asks);
-    the output files equal those of a budget that holds the whole model."""
-    assert CONFIG_METHODS[method].blocks is not None
+    hundred elements (aligned as the method asks); the output files equal those of a budget that holds the
+    whole model. SLERP's and Model Stock's chunks (2**20 and 2**22 elements) are made small here so that
+    their reductions span several blocks."""
+    assert CONFIG_METHODS[METHODS[method][0]].blocks is not None
+    monkeypatch.setattr(slerp, "MERGEKIT_CHUNK", 256)
+    monkeypatch.setattr(model_stock, "GRAM_CHUNK", 3 * 200)
     cfg = _config(small_llama_ckpts, method)
     blocked = []
 
@@ -62,7 +71,7 @@ def test_blocked_merge_equals_whole(small_llama_ckpts, tmp_path, method, monkeyp
         out = tmp_path / budget
         assert cli.main(["merge", cfg, str(out), "--quiet", "--memory-budget", budget]) == 0
         outs.append(out)
-    assert blocked.count("model.embed_tokens.weight") > 2 and blocked.count("lm_head.weight") > 2
+    assert len(set(blocked)) >= 6 and all(blocked.count(k) >= 2 for k in blocked)  # the MLP's, at least
     names = _files(outs[0])
     assert names == _files(outs[1]) and any(n.endswith(".safetensors") for n in names)
     match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)

@@ -32,7 +32,7 @@ def _cuda_module():
 
 def test_python_layout_is_consistent():
     L = _table.LAYOUT
-    header = [L[k] for k in ("OUT_PTR", "OUT_DTYPE", "NUMEL", "BASE_PTR", "BASE_DTYPE", "DROP_THRESHOLD")]
+    header = [L[k] for k in ("OUT_PTR", "OUT_DTYPE", "NUMEL", "BASE_PTR", "BASE_DTYPE", "DROP_THRESHOLD", "FIRST")]
     per_input = [L[k] for k in ("IN_PTR", "IN_DTYPE", "COEFF", "KEY")]
     assert sorted(header) == list(range(L["HEADER_WIDTH"]))
     assert sorted(per_input) == list(range(L["INPUT_STRIDE"]))

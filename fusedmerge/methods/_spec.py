@@ -72,6 +72,11 @@ class GroupCall:
             raise ConfigError(f"{method.name} needs parameters.{key}")
         return value
 
+    def block(self) -> Tuple[str, Optional[torch.Tensor], List[torch.Tensor]]:
+        """(name, base, inputs) of a call holding one tensor's row block (RowBlocks)."""
+        (name,) = self.models[0]
+        return name, None if self.base is None else self.base[name], [m[name] for m in self.models]
+
 
 @dataclass(frozen=True)
 class Span:

@@ -17,6 +17,7 @@ the paper's rule (its author confirmed it); FusionBench averages the angles, whi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -26,7 +27,7 @@ from .. import dispatch, reference
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
 from ..reference import CombineJob
-from ._spec import ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import BlockPass, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks
 
 VARIANTS = ("mergekit", "fusionbench")
 GRAM_CHUNK = 1 << 22  # elements of N deltas held at once while accumulating a Gram matrix
@@ -47,17 +48,36 @@ class ModelStockOptions:
             raise ValueError("filter_wise: FusionBench's ModelStock works per tensor only; use variant='mergekit'")
 
 
-def gram(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    """⟨τᵢ, τⱼ⟩ per row of the tensors seen as [rows, -1], in fp64: [rows, N, N]."""
+def gram_step(rows: int, n: int) -> int:
+    """Columns per chunk of a Gram accumulation over `rows` rows of n models."""
+    return max(1, GRAM_CHUNK // max(rows * n, 1))
+
+
+def gram_chunks(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int, step: int) -> List[torch.Tensor]:
+    """The Gram matrices [rows, N, N] of each chunk of `step` columns of the tensors seen as [rows, -1]."""
     b = base.reshape(rows, -1)
     xs = [x.reshape(rows, -1) for x in inputs]
-    g = torch.zeros((rows, len(xs), len(xs)), dtype=torch.float64, device=base.device)
-    step = max(1, GRAM_CHUNK // max(rows * len(xs), 1))
+    out = []
     for start in range(0, b.shape[1], step):
         bb = b[:, start:start + step].double()
         d = torch.stack([x[:, start:start + step].double() - bb for x in xs], dim=1)
-        g += d @ d.transpose(1, 2)
+        out.append(d @ d.transpose(1, 2))
+    return out
+
+
+def fold(chunks: List[torch.Tensor], rows: int, n: int, device) -> torch.Tensor:
+    """The chunks' Gram matrices summed in order, from zero (fp64)."""
+    g = torch.zeros((rows, n, n), dtype=torch.float64, device=device)
+    for c in chunks:
+        g += c
     return g
+
+
+def gram(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int, step: Optional[int] = None) -> torch.Tensor:
+    """⟨τᵢ, τⱼ⟩ per row of the tensors seen as [rows, -1], in fp64: [rows, N, N], accumulated over column
+    chunks of `step` (default gram_step(rows, N))."""
+    step = step or gram_step(rows, len(inputs))
+    return fold(gram_chunks(base, inputs, rows, step), rows, len(inputs), base.device)
 
 
 def ratios(g: torch.Tensor, variant: str) -> torch.Tensor:
@@ -76,11 +96,18 @@ def ratios(g: torch.Tensor, variant: str) -> torch.Tensor:
     return n * mean_cos / ((n - 1) * mean_cos + 1 + 1e-8)
 
 
-def _jobs(slot: Slot, o: ModelStockOptions) -> List[CombineJob]:
-    """One combination job per tensor, or per row (filter_wise), with the coefficient t/N for every input."""
+def _jobs(slot: Slot, o: ModelStockOptions, block=None) -> List[CombineJob]:
+    """One combination job per tensor, or per row (filter_wise), with the coefficient t/N for every input.
+    block: (Span, the tensor's Gram or None) when the slot is a row block of a tensor (RowBlocks)."""
     n = len(slot.inputs)
-    rows = max(slot.out.numel() // slot.out.shape[-1], 1) if o.filter_wise and slot.out.dim() > 1 else 1
-    t = ratios(gram(slot.base, slot.inputs, rows), o.variant).tolist()
+    shape = block[0].shape if block else slot.out.shape
+    per_row = o.filter_wise and len(shape) > 1
+    rows = max(slot.out.numel() // shape[-1], 1) if per_row else 1
+    if block and not per_row:
+        g = block[1]
+    else:  # per row: block-local rows, chunked as the whole tensor's rows are
+        g = gram(slot.base, slot.inputs, rows, gram_step(math.prod(shape) // shape[-1] if per_row else 1, n))
+    t = ratios(g, o.variant).tolist()
     if rows == 1:
         return [CombineJob(slot.out, slot.inputs, [t[0] / n] * n, slot.base)]
     view = lambda x: x.reshape(rows, -1)  # noqa: E731
@@ -93,7 +120,11 @@ def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "merg
                 out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
     """Model Stock of two or more fine-tuned models onto `base`, over tensors, state dicts or modules (the
     forms of `average`); see the module docstring for the formula and the variants."""
-    o = ModelStockOptions(filter_wise, variant, name, out_dtype)
+    return _model_stock(ModelStockOptions(filter_wise, variant, name, out_dtype), base, inputs, backend)
+
+
+def _model_stock(o: ModelStockOptions, base, inputs, backend: str, block=None):
+    """`model_stock` with its options; `block` as in _jobs."""
     forms = gather(inputs, name=o.name)
     if len(forms.dicts) < 2:
         raise ValueError(f"model_stock needs at least two fine-tuned models besides the base; inputs has "
@@ -103,7 +134,7 @@ def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "merg
     jobs = {}
     for slot in slots:
         if slot.out.numel():
-            jobs.setdefault(slot.out.device, []).extend(_jobs(slot, o))
+            jobs.setdefault(slot.out.device, []).extend(_jobs(slot, o, block))
     for device_jobs in jobs.values():
         dispatch.run("combine", device_jobs, backend)
     return forms.wrap(merged)
@@ -117,15 +148,37 @@ def _check_count(models) -> None:
         raise opt.ConfigError(f"model_stock needs at least two models besides base_model, got {len(models)}")
 
 
-def _mergekit_model_stock(call: GroupCall):
-    return model_stock(call.base, call.models, filter_wise=call.param("filter_wise", MERGEKIT_MODEL_STOCK),
-                       name=call.name, out_dtype=call.out_dtype, backend=call.backend)
+def _mergekit_options(call: GroupCall) -> ModelStockOptions:
+    return ModelStockOptions(call.param("filter_wise", MERGEKIT_MODEL_STOCK), name=call.name, out_dtype=call.out_dtype)
+
+
+def _per_row(shape, call: GroupCall) -> bool:
+    return _mergekit_options(call).filter_wise and len(shape) > 1
+
+
+def _gram_partial(call: GroupCall, span, stats) -> Optional[List[torch.Tensor]]:
+    """The block's chunk Grams (per-tensor ratio; whole chunks: align below), None for per-row ratios."""
+    _, base, inputs = call.block()
+    if _per_row(span.shape, call) or not base.is_floating_point():
+        return None
+    return gram_chunks(base, inputs, 1, gram_step(1, len(inputs)))
+
+
+# Per tensor: the Gram's chunks block by block, summed in the whole tensor's order; per row: block-local.
+MODEL_STOCK_BLOCKS = RowBlocks(
+    passes=(BlockPass(_gram_partial, lambda a, b: None if a is None else a + b,
+                      lambda chunks, _: None if chunks is None else fold(chunks, 1, chunks[0].shape[-1],
+                                                                         chunks[0].device)),),
+    merge=lambda call, span, g: _model_stock(_mergekit_options(call), call.base, call.models, call.backend,
+                                             (span, g)),
+    align=lambda shape, call: shape[-1] if _per_row(shape, call) else gram_step(1, len(call.weights)))
 
 
 MERGEKIT_MODEL_STOCK = ConfigMethod(
     "model_stock", "mergekit", needs_base=True, model_params={},
     global_params={"filter_wise": Param("bool", False, doc="one ratio per row instead of per tensor")},
-    merge=_mergekit_model_stock, check=_check_count,
+    merge=lambda call: _model_stock(_mergekit_options(call), call.base, call.models, call.backend),
+    check=_check_count, blocks=MODEL_STOCK_BLOCKS,
     doc="θ0 + t·mean(τᵢ), t from the mean cosine of the task vectors")
 
 

@@ -17,14 +17,14 @@ compute it in fp32 (fp64) without FMA and round once to the inputs' dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import options as opt
 from .. import reference
 from .._forms import Forms, Terms, gather, gather_like, merge_linear
-from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import REQUIRED, BlockPass, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
 
 VARIANTS = ("mergekit", "fusionbench")
 MERGEKIT_CHUNK = 1 << 20  # mergekit's _CHUNK_ELEMENTS: its norms and dot are summed chunk by chunk
@@ -48,19 +48,50 @@ class SlerpOptions:
 def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, threshold: float = 0.9995,
                           eps: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cₐ, c_b) per row of a, b [rows, n] and t [rows], as mergekit 0.1.5's slerp() computes them."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dtype = _dtype(a)
     t = t.reshape(-1, 1).to(dtype)
     if not a.shape[1]:
         return 1 - t, t
-    chunk = max(1, MERGEKIT_CHUNK // a.shape[0])
-    spans = [(s, s + chunk) for s in range(0, a.shape[1], chunk)]
-    norm = lambda x: torch.linalg.vector_norm(  # noqa: E731
-        torch.stack([torch.linalg.vector_norm(x[:, i:j].to(dtype), dim=1, keepdim=True) for i, j in spans]), dim=0)
-    norm_a, norm_b = norm(a), norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([((a[:, i:j].to(dtype) / norm_a) * (b[:, i:j].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
-                       for i, j in spans]).sum(dim=0).clamp(-1, 1)
+    norm_a, norm_b = (unit_norm(chunk_norms(x), eps) for x in (a, b))
+    return from_dot(sum_dots(chunk_dots(a, b, norm_a, norm_b)), t, threshold)
+
+
+# mergekit's reductions, chunk by chunk (MERGEKIT_CHUNK elements per row block of a [rows, n] pair): the
+# chunks' norms and dot products are computed alone, then stacked and reduced, so a tensor merged in row
+# blocks of whole chunks (RowBlocks) gets the very same bits.
+
+
+def _dtype(a: torch.Tensor) -> torch.dtype:
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def _spans(x: torch.Tensor):
+    chunk = max(1, MERGEKIT_CHUNK // x.shape[0])
+    return [(s, s + chunk) for s in range(0, x.shape[1], chunk)]
+
+
+def chunk_norms(x: torch.Tensor) -> List[torch.Tensor]:
+    return [torch.linalg.vector_norm(x[:, i:j].to(_dtype(x)), dim=1, keepdim=True) for i, j in _spans(x)]
+
+
+def unit_norm(norms: List[torch.Tensor], eps: float) -> torch.Tensor:
+    """The norm from its chunks' norms, a norm ≤ eps taken as 1."""
+    norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    return torch.where(norm > eps, norm, 1)
+
+
+def chunk_dots(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> List[torch.Tensor]:
+    dtype = _dtype(a)
+    return [((a[:, i:j].to(dtype) / norm_a) * (b[:, i:j].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+            for i, j in _spans(a)]
+
+
+def sum_dots(dots: List[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(dots).sum(dim=0).clamp(-1, 1)
+
+
+def from_dot(dot: torch.Tensor, t: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cₐ, c_b) from the clamped dot products of the unit vectors."""
     linear = dot.abs() > threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -98,24 +129,56 @@ def slerp(base, inputs, t: float, *, variant: str = "mergekit", dot_threshold: f
     """SLERP from `base` (t = 0) to the one model of `inputs` (t = 1), tensor by tensor, over tensors, state
     dicts or modules (the forms of `average`); see the module docstring. Integer buffers are taken when
     both models agree."""
-    o = SlerpOptions(t, variant, dot_threshold, eps, name, out_dtype)
+    return _slerp(SlerpOptions(t, variant, dot_threshold, eps, name, out_dtype), base, inputs, backend)
+
+
+def _slerp(o: SlerpOptions, base, inputs, backend: str, coeffs: Optional[Tuple[float, float]] = None):
+    """`slerp` with its options; `coeffs` when the inputs are a row block of a tensor whose coefficients were
+    reduced block by block (RowBlocks)."""
     forms = gather(inputs, name=o.name)
     if len(forms.dicts) != 1:
         raise ValueError(f"slerp interpolates between base and exactly one model; inputs has {len(forms.dicts)}")
     base_dict = gather_like(base, forms, "base")
     pair = Forms(forms.kind, [base_dict, forms.dicts[0]], base, forms.name)
-    terms = lambda slots: [Terms(coefficients(s.inputs[0], s.inputs[1], o)) for s in slots]  # noqa: E731
+    terms = lambda slots: [Terms(coeffs or coefficients(s.inputs[0], s.inputs[1], o)) for s in slots]  # noqa: E731
     return pair.wrap(merge_linear(pair, terms, None, o.out_dtype, backend, arg="t"))
 
 
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_slerp(call: GroupCall):
+def _mergekit_options(call: GroupCall) -> SlerpOptions:
     if len(call.models) != 1:
         raise ValueError(f"slerp needs the base and exactly one other model, got {len(call.models)} others")
-    return slerp(call.base, call.models, call.param("t", MERGEKIT_SLERP), out_dtype=call.out_dtype,
-                 backend=call.backend)
+    return SlerpOptions(call.param("t", MERGEKIT_SLERP), out_dtype=call.out_dtype)
+
+
+def _pair(call: GroupCall):
+    _, a, (b,) = call.block()
+    return a.reshape(1, -1), b.reshape(1, -1)
+
+
+def _block_coefficients(call: GroupCall, span: Span, stats) -> dict:
+    o = _mergekit_options(call)
+    _, a, _ = call.block()
+    if not a.is_floating_point():  # integer buffers: taken where the models agree, as whole
+        return _slerp(o, call.base, call.models, call.backend)
+    t = torch.tensor([o.t], dtype=torch.float64).reshape(-1, 1).to(_dtype(a))
+    ca, cb = from_dot(stats[1], t, o.dot_threshold)
+    return _slerp(o, call.base, call.models, call.backend, (float(ca), float(cb)))
+
+
+def _concat(x, y):
+    return tuple(p + q for p, q in zip(x, y))
+
+
+# mergekit's per-tensor norms, then dot products, chunk by chunk over the blocks (whole chunks each).
+SLERP_BLOCKS = RowBlocks(
+    passes=(BlockPass(lambda call, span, _: tuple(chunk_norms(x) for x in _pair(call)), _concat,
+                      lambda norms, _: tuple(unit_norm(n, 1e-8) for n in norms)),
+            BlockPass(lambda call, span, norms: (chunk_dots(*_pair(call), *norms),), _concat,
+                      lambda dots, norms: (norms, sum_dots(dots[0])))),
+    merge=_block_coefficients, align=lambda shape, call: MERGEKIT_CHUNK)
 
 
 def _mergekit_slerp_batch(tensors: Sequence[torch.Tensor], base_index, params) -> torch.Tensor:
@@ -143,8 +206,9 @@ def _check_pair(models) -> None:
 MERGEKIT_SLERP = ConfigMethod(
     "slerp", "mergekit", needs_base=True, model_params={},
     global_params={"t": Param("number", REQUIRED, doc="0 gives base_model, 1 the other model")},
-    merge=_mergekit_slerp, check=_check_pair, batch=_mergekit_slerp_batch,
-    doc="spherical interpolation from base_model to the other model, per tensor")
+    merge=lambda call: _slerp(_mergekit_options(call), call.base, call.models, call.backend), check=_check_pair,
+    batch=_mergekit_slerp_batch, doc="spherical interpolation from base_model to the other model, per tensor",
+    blocks=SLERP_BLOCKS)
 
 
 def _fb_slerp(algo, pool):
