@@ -5,12 +5,15 @@ import filecmp
 import os
 
 import pytest
+import torch
 
-from conftest import peak_rss_mb
-from fusedmerge import cli
+from conftest import CPU_BACKENDS, peak_rss_mb
+from fusedmerge import cli, dispatch
 from fusedmerge.checkpoint import merge, output
 from fusedmerge.checkpoint.blocks import merge_tensor, spans
 from fusedmerge.methods import CONFIG_METHODS, model_stock, slerp
+from fusedmerge.philox import drop_threshold
+from fusedmerge.reference import CombineJob, TiesSpec
 from fusedmerge.synthetic import write_checkpoint
 
 METHODS = {  # name: (method, models, global parameters, per-model parameters)
@@ -46,6 +49,28 @@ def test_spans_cover_the_tensor_in_aligned_blocks():
     assert [p.first for p in parts] == list(range(0, 1320, 128))
     assert sum(p.numel for p in parts) == 1320 and parts[-1].numel == 1320 - 1280
     assert [p.numel for p in spans((7,), per_element=10, limit=5, align=3)] == [3, 3, 1]  # at least one unit
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
+def test_a_block_draws_the_whole_tensors_masks(backend):
+    """A job whose `first` is 384 draws the DARE masks of elements 384.. of the whole tensor: its combine,
+    DARE-TIES and L1 buckets equal the whole tensor's (the buckets: summed with the first block's)."""
+    torch.manual_seed(0)
+    n, first, keys, T = 1000, 384, [11, 12], drop_threshold(0.5)
+    base, xs = torch.randn(n), [torch.randn(n) for _ in keys]
+    tail = lambda t: t[first:]  # noqa: E731
+    whole, part = torch.empty(n), torch.empty(n - first)
+    dispatch.run("combine", [CombineJob(whole, xs, [1.0, 2.0], base, T, keys)], backend)
+    dispatch.run("combine", [CombineJob(part, [tail(x) for x in xs], [1.0, 2.0], tail(base), T, keys, first)], backend)
+    assert torch.equal(part, tail(whole))
+    spec = lambda size: TiesSpec([1.0, 0.5], 0.9, [[size] * 2], drop_threshold=T, drop_rescale=2.0, keys=[keys])  # noqa: E731
+    dispatch.run("ties", [CombineJob(whole, xs, [1.0, 0.5], base)], backend, spec(n))
+    dispatch.run("ties", [CombineJob(part, [tail(x) for x in xs], [1.0, 0.5], tail(base), first=first)], backend,
+                 spec(n - first))
+    assert torch.equal(part, tail(whole))
+    buckets = lambda a, b, f: dispatch.run(  # noqa: E731
+        "l1_buckets", [CombineJob(base[a:b], [x[a:b] for x in xs], [1.0, 1.0], base[a:b], T, keys, f)], backend)[0]
+    assert torch.equal(buckets(0, first, 0) + buckets(first, n, first), buckets(0, n, 0))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
