@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -53,19 +53,17 @@ def gram_step(rows: int, n: int) -> int:
     return max(1, GRAM_CHUNK // max(rows * n, 1))
 
 
-def gram_chunks(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int, step: int) -> List[torch.Tensor]:
+def gram_chunks(base: torch.Tensor, inputs: Sequence[torch.Tensor], rows: int, step: int) -> Iterator[torch.Tensor]:
     """The Gram matrices [rows, N, N] of each chunk of `step` columns of the tensors seen as [rows, -1]."""
     b = base.reshape(rows, -1)
     xs = [x.reshape(rows, -1) for x in inputs]
-    out = []
     for start in range(0, b.shape[1], step):
         bb = b[:, start:start + step].double()
         d = torch.stack([x[:, start:start + step].double() - bb for x in xs], dim=1)
-        out.append(d @ d.transpose(1, 2))
-    return out
+        yield d @ d.transpose(1, 2)
 
 
-def fold(chunks: List[torch.Tensor], rows: int, n: int, device) -> torch.Tensor:
+def fold(chunks: Iterable[torch.Tensor], rows: int, n: int, device) -> torch.Tensor:
     """The chunks' Gram matrices summed in order, from zero (fp64)."""
     g = torch.zeros((rows, n, n), dtype=torch.float64, device=device)
     for c in chunks:
@@ -161,7 +159,7 @@ def _gram_partial(call: GroupCall, span, stats) -> Optional[List[torch.Tensor]]:
     _, base, inputs = call.block()
     if _per_row(span.shape, call) or not base.is_floating_point():
         return None
-    return gram_chunks(base, inputs, 1, gram_step(1, len(inputs)))
+    return list(gram_chunks(base, inputs, 1, gram_step(1, len(inputs))))
 
 
 # Per tensor: the Gram's chunks block by block, summed in the whole tensor's order; per row: block-local.
