@@ -101,6 +101,8 @@ def build_table(jobs: Sequence[CombineJob]) -> Tuple[torch.Tensor, List[torch.Te
             row[BASE_PTR] = base.data_ptr()
             row[BASE_DTYPE] = DTYPE_CODES[base.dtype]
         row[DROP_THRESHOLD] = job.threshold
+        if job.first % 128:
+            raise ValueError(f"a row block's first element must be a multiple of 128 (Philox groups), got {job.first}")
         row[FIRST] = job.first
         keys = job.keys if job.threshold else [0] * n
         for i, (x, c, key) in enumerate(zip(job.inputs, job.coeffs, keys)):
