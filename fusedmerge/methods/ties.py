@@ -156,6 +156,7 @@ def _mergekit_options(call: GroupCall, random: bool) -> TiesOptions:
 # skip the two upper digits. Then each block is merged with those thresholds (DARE-TIES: its masks keyed
 # by the elements' indices in the whole tensor).
 DIGIT = 16
+SELECT_CHUNK = 1 << 18  # elements whose magnitudes are histogrammed at once
 
 
 def _digit_pass(d: int) -> BlockPass:
@@ -168,13 +169,15 @@ def _digit_pass(d: int) -> BlockPass:
         acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
         if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
             return ks, None  # integer tensors are not trimmed; 32-bit magnitudes have no upper digits
-        hists = []
-        for m, x in enumerate(inputs):
-            bits = reference.magnitude_bits(x.to(acc) - base.to(acc))
-            if stats:
-                bits = bits[(bits >> (shift + DIGIT)) == (stats[0][m] >> (shift + DIGIT))]
-            hists.append(torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << DIGIT))
-        return ks, torch.stack(hists)
+        hists = torch.zeros((len(inputs), 1 << DIGIT), dtype=torch.int64, device=base.device)
+        for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
+            b = base[start:start + SELECT_CHUNK].to(acc)
+            for m, x in enumerate(inputs):
+                bits = reference.magnitude_bits(x[start:start + SELECT_CHUNK].to(acc) - b)
+                if stats:
+                    bits = bits[(bits >> (shift + DIGIT)) == (stats[0][m] >> (shift + DIGIT))]
+                hists[m] += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << DIGIT)
+        return ks, hists
 
     def finish(total, stats):
         ks, hists = total
