@@ -113,18 +113,3 @@ def small_llama_ckpts(tmp_path_factory):
     for i in range(3):
         write_checkpoint(str(root / f"m{i}"), shapes, i, shard_size=20_000)
     return root
-
-
-def peak_rss_mb(code):
-    """Peak resident memory (MB) of `python -c code` run in a subprocess (RUSAGE_CHILDREN keeps the peak of
-    every child so far, so measure the smaller run first)."""
-    import resource
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert after >= before
-    return after / 1024

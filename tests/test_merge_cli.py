@@ -6,6 +6,7 @@ import errno
 import filecmp
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import torch
 
 import fusedmerge
 from conftest import load_model_dir as load
-from conftest import peak_rss_mb
 from fusedmerge import cli
 from fusedmerge.checkpoint import output
 from fusedmerge.checkpoint.model_dir import ModelDir
@@ -159,6 +159,14 @@ def test_torchrun_world_sizes_one_and_two_write_identical_files(ckpts, tmp_path)
     assert outs[0] == outs[1]
 
 
+def _peak_rss_mb(code):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-c", code], env=ENV, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert after >= before
+    return after / 1024
+
+
 def test_peak_memory_follows_the_budget_not_the_model_size(tmp_path):
     """Four checkpoints of ~55 MB (220 MB to read) merged with a 16 MB budget: the merge's peak resident
     memory stays within the budget plus a fixed allowance above the interpreter's own."""
@@ -170,8 +178,8 @@ def test_peak_memory_follows_the_budget_not_the_model_size(tmp_path):
                 for f in os.listdir(tmp_path / d) if f.endswith(".safetensors"))
     assert total > 200e6
     cfg = config(tmp_path, "task_arithmetic")
-    idle = peak_rss_mb("import fusedmerge.cli, fusedmerge.checkpoint.merge, torch; torch.ones(1).add_(1)")
-    busy = peak_rss_mb(f"from fusedmerge import cli; raise SystemExit(cli.main(['merge', {cfg!r}, "
+    idle = _peak_rss_mb("import fusedmerge.cli, fusedmerge.checkpoint.merge, torch; torch.ones(1).add_(1)")
+    busy = _peak_rss_mb(f"from fusedmerge import cli; raise SystemExit(cli.main(['merge', {cfg!r}, "
                         f"{str(tmp_path / 'out')!r}, '--memory-budget', '16MB', '--quiet']))")
     assert (tmp_path / "out" / output.INDEX).exists()
     assert busy - idle < 16 + 40, f"peak {busy:.0f} MB vs {idle:.0f} MB idle, inputs {total / 1e6:.0f} MB"
@@ -317,9 +325,9 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
      "unsupported key"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nparameters: {normalize: 'false'}\n", "true or false"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {gamma: 1}}]\n", "unsupported key"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: union\n", "unsupported key"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: [{filter: mlp, value: 1}]}}]\n",
-     "per-tensor"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: union\n", "tokenizer surgery"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: [1, {filter: mlp, value: 1}]}}]\n",
+     "models[0].parameters.weight: a list must hold"),
     ("merge_method: task_arithmetic\nmodels: [{model: a}]\n", "needs a base_model"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {density: 1.5}}]\n", "density"),
     ("merge_method: linear\nmodels: [{model: a}]\ndtype: int8\n", "dtype"),
