@@ -114,7 +114,8 @@ class RowBlocks:
     merge:   merge(call, span, stats) -> {name: the block's merged elements} given the last pass's combined
              statistics; None: ConfigMethod.merge on the block (elementwise methods without statistics).
     align:   align(shape, call) -> every block but the last has a multiple of this many elements and starts
-             at a multiple of it (DARE's Philox groups: 128; rows for per-row statistics; a peer's chunks).
+             at a multiple of it (DARE's Philox groups: 128; rows for per-row statistics; a peer's chunks);
+             `call` carries the parameters only (no tensors).
     Merging every block must give the whole tensor's result bit for bit (tests/test_blocks.py checks it).
     """
 
