@@ -166,3 +166,26 @@ def test_peak_memory_stays_within_budget_for_a_tensor_four_times_larger(tmp_path
     before, peak = map(float, run.stdout.split())
     assert (tmp_path / "out" / output.INDEX).exists()
     assert peak - before < budget_mb + 40, f"peak {peak:.0f} MB, {before:.0f} MB before merging"
+
+
+def test_a_blocked_slice_reads_its_renumbered_sources(small_llama_ckpts, tmp_path, monkeypatch):
+    """Under slices:, output layer 0 made of m0's layer 1 (passthrough, scaled): its blocks read the source
+    tensors the plan names, and the files equal the whole merge's."""
+    cfg = tmp_path / "slices.yml"
+    cfg.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {small_llama_ckpts / 'm0'}\n"
+                   "        layer_range: [1, 2]\n        parameters: {scale: 0.7}\n")
+    sources = {}
+
+    def counted(key, blocks, srcs, *args):
+        sources[key] = [name for _, name in srcs]
+        yield from merge_tensor(key, blocks, srcs, *args)
+
+    monkeypatch.setattr(merge, "merge_tensor", counted)
+    outs = [tmp_path / budget for budget in ("1GB", "12KB")]
+    for out in outs:
+        assert cli.main(["merge", str(cfg), str(out), "--quiet", "--memory-budget", out.name]) == 0
+    assert sources["model.layers.0.mlp.up_proj.weight"] == ["model.layers.1.mlp.up_proj.weight"]
+    names = _files(outs[0])
+    assert names == _files(outs[1])
+    match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
+    assert not mismatch and not errors
