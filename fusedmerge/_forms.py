@@ -163,6 +163,7 @@ class Terms:
     coeffs: Sequence[float]
     threshold: int = 0
     keys: Optional[Sequence[int]] = None
+    first: int = 0  # a row block's first element in its whole tensor (the Philox counters start there)
 
 
 @dataclass
@@ -226,7 +227,7 @@ def merge_linear(forms: Forms, terms: Union[Sequence[float], Callable[[List["Slo
     all_terms = terms(slots) if callable(terms) else [Terms(list(terms))] * len(slots)
     jobs: Dict[torch.device, List[CombineJob]] = {}
     for slot, t in zip(slots, all_terms):
-        job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys)
+        job = CombineJob(slot.out, slot.inputs, t.coeffs, slot.base, t.threshold, t.keys, t.first)
         if slot.out.numel():
             options.finite_coefficients(job.coeffs, job.acc_dtype, arg)
         jobs.setdefault(slot.out.device, []).append(job)

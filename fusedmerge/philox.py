@@ -12,7 +12,9 @@ BLAKE2b("fusedmerge-dare-v2:{seed}:{index}:{name}") (v1 keyed a retired layout o
 uniform U = (A << 16) | B, where A and B are 16-bit halves from the streams s = 0 and s = 1: in group
 g = j // 128, with r = j % 128, half (r // 16) % 2 of word r // 32 of the call with counter
 (n mod 2³², n // 2³², s, 0), n = 16·g + r % 16. It is dropped when U < T, T = floor(p·2³²): an integer
-comparison, the same on every backend, device and order of processing. Kernels need B only where
+comparison, the same on every backend, device and order of processing. A row block of a tensor (fusedmerge
+merge's streaming of large tensors) starting at element `first`, a multiple of 128, draws the counters of
+its elements' indices in the whole tensor: its calls start at n = first / 8. Kernels need B only where
 A = T >> 16 (probability 2⁻¹⁶), so one call serves 8 elements; the 16 calls of a group, as 16 SIMD
 lanes, give 16 consecutive elements per (word, half) without shuffles.
 """
@@ -64,10 +66,12 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = ROUNDS):
     return c0, c1, c2, c3
 
 
-def element_halves(key: int, numel: int, stream: int, device=None) -> torch.Tensor:
-    """The 16-bit half of stream `stream` for each of `numel` elements (int64 tensor)."""
+def element_halves(key: int, numel: int, stream: int, device=None, first: int = 0) -> torch.Tensor:
+    """The 16-bit half of stream `stream` for each of elements first .. first + numel − 1 (int64 tensor)."""
+    if first % GROUP:
+        raise ValueError(f"a block's first element must be a multiple of {GROUP}, got {first}")
     groups = -(-numel // GROUP)
-    n = torch.arange(groups * 16, dtype=torch.int64, device=device)
+    n = torch.arange(first // 8, first // 8 + groups * 16, dtype=torch.int64, device=device)
     words = torch.stack(philox4x32(n & _M32, n >> 32, torch.full_like(n, stream), torch.zeros_like(n),
                                    key & _M32, key >> 32))  # [word, group·16 + lane]
     halves = torch.stack([words & 0xFFFF, words >> 16], dim=1)  # [word, half, group·16 + lane]
@@ -75,11 +79,11 @@ def element_halves(key: int, numel: int, stream: int, device=None) -> torch.Tens
     return by_group.reshape(-1)[:numel]
 
 
-def random_words(key: int, numel: int, device=None) -> torch.Tensor:
-    """The 32-bit uniform U of each of `numel` elements (int64 tensor) for a 64-bit key."""
-    return (element_halves(key, numel, 0, device) << 16) | element_halves(key, numel, 1, device)
+def random_words(key: int, numel: int, device=None, first: int = 0) -> torch.Tensor:
+    """The 32-bit uniform U of each of `numel` elements from `first` (int64 tensor) for a 64-bit key."""
+    return (element_halves(key, numel, 0, device, first) << 16) | element_halves(key, numel, 1, device, first)
 
 
-def keep_mask(key: int, numel: int, threshold: int, device=None) -> torch.Tensor:
-    """Bool mask of kept elements: U >= threshold."""
-    return random_words(key, numel, device) >= threshold
+def keep_mask(key: int, numel: int, threshold: int, device=None, first: int = 0) -> torch.Tensor:
+    """Bool mask of kept elements: U >= threshold (elements first .. first + numel − 1)."""
+    return random_words(key, numel, device, first) >= threshold

@@ -29,7 +29,8 @@ from .philox import keep_mask, random_words
 @dataclass
 class CombineJob:
     """One output tensor of a multi-tensor launch: ``out = combine(inputs, base)`` with one coefficient,
-    and for dropping one Philox key, per input."""
+    and for dropping one Philox key, per input. `first`: the index of out's first element in the whole
+    tensor when the job is a row block of it (a multiple of 128; the Philox counters start there)."""
 
     out: torch.Tensor
     inputs: Sequence[torch.Tensor]
@@ -37,6 +38,7 @@ class CombineJob:
     base: Optional[torch.Tensor] = None
     threshold: int = 0
     keys: Optional[Sequence[int]] = None
+    first: int = 0
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -55,7 +57,7 @@ def combine_reference(job: CombineJob) -> torch.Tensor:
             d = d - base
         d = d * torch.tensor(c, dtype=acc_dtype, device=d.device)
         if job.threshold:
-            keep = keep_mask(job.keys[i], d.numel(), job.threshold, d.device).reshape(d.shape)
+            keep = keep_mask(job.keys[i], d.numel(), job.threshold, d.device, job.first).reshape(d.shape)
             d = torch.where(keep, d, torch.zeros((), dtype=acc_dtype, device=d.device))
         acc = d if acc is None else acc + d
     if base is not None:
@@ -91,6 +93,8 @@ class TiesSpec:
     drop_threshold: int = 0  # DARE-TIES: random drop instead of the magnitude trim
     drop_rescale: float = 1.0
     keys: Optional[Sequence[Sequence[int]]] = None  # per job, per model Philox keys (DARE-TIES)
+    thresholds: Optional[Sequence[Sequence[int]]] = None  # per scope, per model: the trim thresholds (magnitude
+    # bits) when already known — a row block of a tensor whose thresholds were selected over the whole tensor
 
     def trims(self, jobs: Sequence[CombineJob]) -> bool:
         """Whether the magnitude trim keeps fewer than all entries of some scope (else no selection is needed:
@@ -138,7 +142,8 @@ def ties_reference(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     """
     acc_dtypes = [job.acc_dtype for job in jobs]
     taus = [[x.to(a) - job.base.to(a) for x in job.inputs] for job, a in zip(jobs, acc_dtypes)]
-    thresholds = ties_thresholds_reference(taus, spec) if spec.drop_threshold == 0 else None
+    thresholds = (spec.thresholds if spec.thresholds is not None
+                  else ties_thresholds_reference(taus, spec) if spec.drop_threshold == 0 else None)
     elected, votes = [], []
     for j, (job, acc) in enumerate(zip(jobs, acc_dtypes)):
         c = lambda v: torch.tensor(v, dtype=acc, device=job.base.device)  # noqa: E731
@@ -149,7 +154,8 @@ def ties_reference(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
                 keep = magnitude_bits(tau).reshape(tau.shape) >= thresholds[scope][m]
                 trimmed.append(torch.where(keep, tau, c(0.0)))
             else:
-                keep = keep_mask(spec.keys[j][m], tau.numel(), spec.drop_threshold, tau.device).reshape(tau.shape)
+                keep = keep_mask(spec.keys[j][m], tau.numel(), spec.drop_threshold, tau.device,
+                                 job.first).reshape(tau.shape)
                 scaled = tau * c(spec.drop_rescale) if spec.drop_rescale != 1.0 else tau
                 trimmed.append(torch.where(keep, scaled, c(0.0)))
         v = [t * c(w) for t, w in zip(trimmed, spec.weights)] if spec.weighted_vote else trimmed
@@ -203,7 +209,7 @@ def l1_buckets_reference(job: CombineJob) -> torch.Tensor:
     for i, x in enumerate(job.inputs):
         tau = (x.float() - job.base.float()).reshape(-1).cpu()
         out[i, 0] = abs_buckets(tau)
-        keep = (keep_mask(job.keys[i], tau.numel(), job.threshold) if job.threshold
+        keep = (keep_mask(job.keys[i], tau.numel(), job.threshold, first=job.first) if job.threshold
                 else torch.ones_like(tau, dtype=torch.bool))
         out[i, 1] = abs_buckets(tau[keep])
     return out

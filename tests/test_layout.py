@@ -32,7 +32,7 @@ def _cuda_module():
 
 def test_python_layout_is_consistent():
     L = _table.LAYOUT
-    header = [L[k] for k in ("OUT_PTR", "OUT_DTYPE", "NUMEL", "BASE_PTR", "BASE_DTYPE", "DROP_THRESHOLD")]
+    header = [L[k] for k in ("OUT_PTR", "OUT_DTYPE", "NUMEL", "BASE_PTR", "BASE_DTYPE", "DROP_THRESHOLD", "FIRST")]
     per_input = [L[k] for k in ("IN_PTR", "IN_DTYPE", "COEFF", "KEY")]
     assert sorted(header) == list(range(L["HEADER_WIDTH"]))
     assert sorted(per_input) == list(range(L["INPUT_STRIDE"]))
@@ -149,18 +149,19 @@ if importlib.util.find_spec("triton") is not None:
         """Row t's entries through the accessors, densely into out[t]: header, then each input's four."""
         t = tl.program_id(0)
         row = tb.row_of(table_ptr, t, N)
-        o = out_ptr + t * (6 + 4 * N)
+        o = out_ptr + t * (7 + 4 * N)
         tl.store(o + 0, tb.out_ptr(row))
         tl.store(o + 1, tb.out_dtype(row))
         tl.store(o + 2, tb.numel(row))
         tl.store(o + 3, tb.base_ptr(row))
         tl.store(o + 4, tb.base_dtype(row))
         tl.store(o + 5, tb.drop_threshold(row))
+        tl.store(o + 6, tb.first(row))
         for i in tl.static_range(N):
-            tl.store(o + 6 + 4 * i, tb.input_ptr(row, i))
-            tl.store(o + 7 + 4 * i, tb.input_dtype(row, i))
-            tl.store(o + 8 + 4 * i, tb.coeff(row, i).to(tl.int64, bitcast=True))
-            tl.store(o + 9 + 4 * i, tb.key(row, i))
+            tl.store(o + 7 + 4 * i, tb.input_ptr(row, i))
+            tl.store(o + 8 + 4 * i, tb.input_dtype(row, i))
+            tl.store(o + 9 + 4 * i, tb.coeff(row, i).to(tl.int64, bitcast=True))
+            tl.store(o + 10 + 4 * i, tb.key(row, i))
 
 
 @requires_triton
@@ -170,12 +171,12 @@ def test_triton_accessors_read_the_named_columns():
         pytest.skip(STATUS["triton"].reason)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     xs = [torch.ones(3, dtype=torch.float16), torch.ones(3, dtype=torch.float32)]
-    jobs = [CombineJob(torch.empty(3, dtype=torch.bfloat16), xs, [0.5, -2.0], torch.zeros(3), 99, [5, 6]),
+    jobs = [CombineJob(torch.empty(3, dtype=torch.bfloat16), xs, [0.5, -2.0], torch.zeros(3), 99, [5, 6], 256),
             CombineJob(torch.empty(3), xs, [1.5, 3.0], None, 0, None)]
     table, keep = _table.build_table(jobs)
     L = _table.LAYOUT
     # the same values in the order of _read_rows: header by name, then inputs by name
-    order = [L["OUT_PTR"], L["OUT_DTYPE"], L["NUMEL"], L["BASE_PTR"], L["BASE_DTYPE"], L["DROP_THRESHOLD"]]
+    order = [L["OUT_PTR"], L["OUT_DTYPE"], L["NUMEL"], L["BASE_PTR"], L["BASE_DTYPE"], L["DROP_THRESHOLD"], L["FIRST"]]
     for i in range(2):
         order += [_table.input_column(i, L[k]) for k in ("IN_PTR", "IN_DTYPE", "COEFF", "KEY")]
     expected = table[:, order]

@@ -102,7 +102,7 @@ def _term(row, i, b, start, offs, mask, threshold, HAS_BASE: tl.constexpr, ACC_F
     x = x * c
     if threshold != 0:
         t32 = threshold.to(tl.uint32)
-        keep = _uniforms(tb.key(row, i), start, t32, BLOCK) >= t32
+        keep = _uniforms(tb.key(row, i), tb.first(row) + start, t32, BLOCK) >= t32
         x = tl.where(keep, x, 0.0)
     return x
 
@@ -160,7 +160,7 @@ def l1_buckets_kernel(table_ptr, tile_tensor_ptr, tile_start_ptr, buckets_ptr, N
         keep = mask
         if drop != 0:
             d32 = drop.to(tl.uint32)
-            keep = mask & (_uniforms(tb.key(row, i), start, d32, BLOCK) >= d32)
+            keep = mask & (_uniforms(tb.key(row, i), tb.first(row) + start, d32, BLOCK) >= d32)
         cell = buckets_ptr + (t * N + i) * 512 + e
         tl.atomic_add(cell, mant, mask=mask)
         tl.atomic_add(cell + 256, mant, mask=keep)

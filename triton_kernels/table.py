@@ -15,6 +15,7 @@ _NUMEL = tl.constexpr(_layout.NUMEL)
 _BASE_PTR = tl.constexpr(_layout.BASE_PTR)
 _BASE_DTYPE = tl.constexpr(_layout.BASE_DTYPE)
 _DROP_THRESHOLD = tl.constexpr(_layout.DROP_THRESHOLD)
+_FIRST = tl.constexpr(_layout.FIRST)
 _HEADER_WIDTH = tl.constexpr(_layout.HEADER_WIDTH)
 _IN_PTR = tl.constexpr(_layout.IN_PTR)
 _IN_DTYPE = tl.constexpr(_layout.IN_DTYPE)
@@ -68,6 +69,12 @@ def base_dtype(row):
 def drop_threshold(row):
     """0 when the row keeps every element."""
     return tl.load(row + _DROP_THRESHOLD)
+
+
+@triton.jit
+def first(row):
+    """Index of the row's first element in its whole tensor (a multiple of 128): Philox counters start there."""
+    return tl.load(row + _FIRST)
 
 
 @triton.jit

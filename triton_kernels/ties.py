@@ -45,7 +45,7 @@ def _trimmed(row, m, b, start, offs, mask, thr_row, rescale, BLOCK: tl.constexpr
     drop = tb.drop_threshold(row)
     if drop != 0:
         d32 = drop.to(tl.uint32)
-        keep = _uniforms(tb.key(row, m), start, d32, BLOCK) >= d32
+        keep = _uniforms(tb.key(row, m), tb.first(row) + start, d32, BLOCK) >= d32
         if rescale != 1.0:
             tau = tau * rescale
         t = tl.where(keep, tau, 0.0)

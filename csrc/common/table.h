@@ -6,7 +6,9 @@
 //
 // One row per output tensor, table_width(n_inputs) int64 entries:
 //   [out_ptr, out_dtype, numel, base_ptr (0: none), base_dtype, drop_threshold (0: keep all),
-//    then per input i: in_ptr, in_dtype, coeff (fp64 bit pattern), philox key]
+//    first (index of the row's first element in its whole tensor when the row is a block of it, a multiple
+//    of 128: the Philox counters start there), then per input i: in_ptr, in_dtype, coeff (fp64 bit pattern), philox
+//    key]
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -30,7 +32,8 @@ constexpr int64_t kNumel = 2;
 constexpr int64_t kBasePtr = 3;
 constexpr int64_t kBaseDtype = 4;
 constexpr int64_t kDropThreshold = 5;
-constexpr int64_t kHeaderWidth = 6;
+constexpr int64_t kFirst = 6;
+constexpr int64_t kHeaderWidth = 7;
 // Per input i, at kHeaderWidth + kInputStride * i + the offset below.
 constexpr int64_t kInPtr = 0;
 constexpr int64_t kInDtype = 1;
@@ -43,9 +46,11 @@ FM_HD constexpr int64_t input(int64_t i, int64_t offset) { return kHeaderWidth +
 
 static_assert(col::kOutPtr < col::kHeaderWidth && col::kOutDtype < col::kHeaderWidth &&
                   col::kNumel < col::kHeaderWidth && col::kBasePtr < col::kHeaderWidth &&
-                  col::kBaseDtype < col::kHeaderWidth && col::kDropThreshold < col::kHeaderWidth,
+                  col::kBaseDtype < col::kHeaderWidth && col::kDropThreshold < col::kHeaderWidth &&
+                  col::kFirst < col::kHeaderWidth,
               "header columns lie inside the header");
-static_assert(col::kOutPtr + col::kOutDtype + col::kNumel + col::kBasePtr + col::kBaseDtype + col::kDropThreshold ==
+static_assert(col::kOutPtr + col::kOutDtype + col::kNumel + col::kBasePtr + col::kBaseDtype + col::kDropThreshold +
+                      col::kFirst ==
                   col::kHeaderWidth * (col::kHeaderWidth - 1) / 2,
               "header columns are 0 .. kHeaderWidth-1, each once");
 static_assert(col::kInPtr + col::kInDtype + col::kCoeff + col::kKey ==
@@ -76,6 +81,7 @@ struct TableRow {
   FM_HD const void* base() const { return reinterpret_cast<const void*>(r[col::kBasePtr]); }
   FM_HD int64_t base_dtype() const { return r[col::kBaseDtype]; }
   FM_HD uint32_t drop_threshold() const { return static_cast<uint32_t>(r[col::kDropThreshold]); }
+  FM_HD int64_t first() const { return r[col::kFirst]; }
   FM_HD const void* input(int64_t i) const { return reinterpret_cast<const void*>(r[col::input(i, col::kInPtr)]); }
   FM_HD int64_t input_dtype(int64_t i) const { return r[col::input(i, col::kInDtype)]; }
   FM_HD double coeff(int64_t i) const {
@@ -105,6 +111,7 @@ inline constexpr LayoutEntry kLayout[] = {
     {"BASE_PTR", col::kBasePtr},
     {"BASE_DTYPE", col::kBaseDtype},
     {"DROP_THRESHOLD", col::kDropThreshold},
+    {"FIRST", col::kFirst},
     {"HEADER_WIDTH", col::kHeaderWidth},
     {"IN_PTR", col::kInPtr},
     {"IN_DTYPE", col::kInDtype},

@@ -74,7 +74,7 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t
     if (threshold != 0) {
       // Drawing is compute-bound: keep the memory busy meanwhile with the next chunk of this input.
       prefetch_next_chunk(row.input(i), dt, start, row.numel());
-      uniform_words(words, row.key(i), start, n, threshold);
+      uniform_words(words, row.key(i), row.first() + start, n, threshold);
       if (has_base) fold_input<Acc, true, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
       else fold_input<Acc, false, true>(i == 0, dt, acc, x, b, c, n, words, threshold);
     } else if (has_base) {
@@ -123,7 +123,7 @@ void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64
       for (int64_t i = 0; i < n_inputs; ++i) {
         load_any(tau, row.input(i), row.input_dtype(i), c.start, c.n);
         const uint32_t threshold = row.drop_threshold();
-        if (threshold != 0) uniform_words(words, row.key(i), c.start, c.n, threshold);
+        if (threshold != 0) uniform_words(words, row.key(i), row.first() + c.start, c.n, threshold);
         int64_t* all = mine.data() + ((c.row * n_inputs + i) * 2) * 256;
         int64_t* kept = all + 256;
         for (int64_t j = 0; j < c.n; ++j) {

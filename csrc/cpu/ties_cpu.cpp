@@ -414,7 +414,7 @@ void trim_and_vote(const TableRow& row, int64_t n_inputs, const TiesParams& p, c
       const bool scale = p.drop_rescale != 1.0;
       prefetch_next_chunk(row.input(m), dt, start, row.numel());  // drawing is compute-bound
       load_any(tr, row.input(m), dt, start, n);
-      uniform_words(words, row.key(m), start, n, T);
+      uniform_words(words, row.key(m), row.first() + start, n, T);
       for (int64_t j = 0; j < n; ++j) {
         const float tau = tr[j] - b[j];
         const float scaled = scale ? tau * r : tau;

@@ -83,7 +83,7 @@ __device__ void combine_tile(const TableRow& row, int64_t n_inputs, int64_t star
 #pragma unroll
     for (int q = 0; q < kCalls; ++q) {
       uint32_t u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (threshold != 0 && element(start, 8 * q) < numel) uniforms(u, start, q, key, threshold);
+      if (threshold != 0 && element(start, 8 * q) < numel) uniforms(u, row.first() + start, q, key, threshold);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int k = 8 * q + e;

@@ -56,7 +56,8 @@ def describe_methods() -> str:
         keys = ", ".join(show(k, p) for k, p in c.model_params.items()) or "none"
         glob = ", ".join(show(k, p) for k, p in c.global_params.items()) or "none"
         lines.append(f"{c.name} ({peer}{_BASE_NOTE[c.base_use] if not c.needs_base else ''}): {c.doc}; "
-                     f"per model: {keys}; parameters: {glob}")
+                     f"per model: {keys}; parameters: {glob}" + ("" if c.whole_model else
+                     f"; tensors over half the budget: {'in row blocks' if c.blocks else 'whole'}"))
     return "\n".join(lines) + "\n\n" + LANGUAGE
 
 

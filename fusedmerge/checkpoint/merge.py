@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..options import ConfigError
+from .blocks import merge_tensor
 from .config import MergeConfig
 from .model_dir import ModelDir
 from .outdir import Signals, Workspace, clean_stale, refuse_inputs
@@ -244,17 +245,29 @@ def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, di
 def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts: Options, rank: int) -> None:
     mine = plan.keys_of(rank)
     cost = {k: targets.nbytes(k) + plan.nbytes(k) for k in mine}
-    groups = _groups(mine, cost, max(opts.memory_budget // 2, 1))
+    limit = max(opts.memory_budget // 2, 1)
+    groups = _groups(mine, cost, limit)
+    blocks = targets.cfg.spec.blocks
+    blocked = {i for i, g in enumerate(groups) if blocks is not None and cost[g[0]] > limit}
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
     try:
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(_touch, dirs, targets.reads(groups[0])) if groups else None
+            reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
+            pending = pool.submit(_touch, dirs, reads(0)) if groups else None
             for i, group in enumerate(groups):
                 pending.result()
                 _check_unchanged(dirs)
                 if i + 1 < len(groups):
-                    pending = pool.submit(_touch, dirs, targets.reads(groups[i + 1]))
+                    pending = pool.submit(_touch, dirs, reads(i + 1))
+                if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
+                    k = group[0]
+                    sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
+                    call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
+                    writer.write_blocks(k, merge_tensor(k, blocks, sources, plan.entries[k][1], limit, opts.device,
+                                                        call, targets.cfg.spec.merge), plan.entries[k][1])
+                    progress.update(1, plan.nbytes(k))
+                    continue
                 merged = {}
                 for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
                     merged.update(targets.cfg.spec.merge(call))

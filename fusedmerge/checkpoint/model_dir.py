@@ -127,6 +127,11 @@ class ModelDir:
         for file, names in self._by_file(keys).items():
             self._files[file].release(names)
 
+    def release_bytes(self, key: str, begin: int, end: int) -> None:
+        """`release` for bytes [begin, end) of one tensor's data (a row block)."""
+        if self.where[key] in self._files:
+            self._files[self.where[key]].release_bytes(key, begin, end)
+
     def check_unchanged(self) -> None:
         """Fail if a file being merged was modified, resized or replaced since it was opened (checked
         between groups: a file truncated while its pages are read still ends the process with SIGBUS)."""

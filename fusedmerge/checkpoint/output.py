@@ -8,7 +8,7 @@ import json
 import math
 import os
 import shutil
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -70,6 +70,10 @@ class ShardWriter:
         self.file, self.shard, self.next = None, None, 0
 
     def write(self, key: str, t: torch.Tensor) -> None:
+        self.write_blocks(key, [t], tuple(t.shape))
+
+    def write_blocks(self, key: str, blocks: Iterable[torch.Tensor], shape: Tuple[int, ...]) -> None:
+        """Write one tensor of `shape` from consecutive blocks of its flattened elements, each as it comes."""
         i = self.plan.shard_of[key]
         if i != self.shard:
             if self.file is not None:
@@ -80,10 +84,16 @@ class ShardWriter:
             self.file.write(head)
             self.shard, self.next = i, 0
         keys = self.plan.shards[i]
-        dtype, shape = self.plan.entries[key]
-        if keys[self.next] != key or t.dtype != dtype or tuple(t.shape) != shape:
-            raise RuntimeError(f"internal: {key} ({t.dtype}, {tuple(t.shape)}) out of the plan's order or form")
-        self.file.write(tensor_bytes(t))
+        if keys[self.next] != key or tuple(shape) != self.plan.entries[key][1]:
+            raise RuntimeError(f"internal: {key} {tuple(shape)} out of the plan's order or form")
+        written = 0
+        for t in blocks:
+            if t.dtype != self.plan.entries[key][0]:
+                raise RuntimeError(f"internal: {key} written as {t.dtype}, planned as {self.plan.entries[key][0]}")
+            self.file.write(tensor_bytes(t))
+            written += t.numel()
+        if written != math.prod(shape):
+            raise RuntimeError(f"internal: {key} got {written} elements of {math.prod(shape)}")
         self.next += 1
         if self.next == len(keys):
             self.file.close()

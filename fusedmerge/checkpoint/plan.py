@@ -175,15 +175,25 @@ class Plan:
             t = self.by_name[name]
             groups.setdefault(t.signature, []).append(t)
         calls = []
-        for (has_base, n, shared, per_model), targets in groups.items():
+        for targets in groups.values():
+            sources = range(len(targets[0].sources))
             sds = [{t.name: self.dirs[t.sources[j][0]].tensor(t.sources[j][1]).to(device) for t in targets}
-                   for j in range(n)]
-            given = [dict(m) for m in per_model]
-            calls.append(GroupCall(sds[0] if has_base else None, sds[1:] if has_base else sds,
-                                   [m.get("weight", 1.0) for m in given], [m.get("density") for m in given],
-                                   dict(shared), self.cfg.seed, self.cfg.out_dtype, backend,
-                                   per_model=tuple(given)))
+                   for j in sources]
+            calls.append(self._call(targets[0], sds, backend))
         return calls
+
+    def block_call(self, name: str, tensors: Sequence[torch.Tensor], backend: str) -> GroupCall:
+        """The GroupCall that calls() builds for output tensor `name`, on `tensors` (a row block of each of its
+        sources, in order; none: the parameters only, for RowBlocks.align)."""
+        return self._call(self.by_name[name], [{name: x} for x in tensors], backend)
+
+    def _call(self, t: Target, sds: List[Dict[str, torch.Tensor]], backend: str) -> GroupCall:
+        """A GroupCall with `t`'s parameters on state dicts `sds` (one per source, the base's first)."""
+        has_base = t.has_base and bool(sds)
+        given = [dict(m) for m in t.per_model]
+        return GroupCall(sds[0] if has_base else None, sds[1:] if has_base else sds,
+                         [m.get("weight", 1.0) for m in given], [m.get("density") for m in given],
+                         dict(t.shared), self.cfg.seed, self.cfg.out_dtype, backend, per_model=tuple(given))
 
 
 def updated_config(config: Mapping[str, Any], cfg: MergeConfig, layers: Optional[int]) -> Dict[str, Any]:

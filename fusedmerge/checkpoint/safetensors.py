@@ -206,14 +206,15 @@ class SafetensorsFile:
             flat = torch.frombuffer(self._map, dtype=e.dtype, count=count, offset=e.begin)
         return flat.reshape(e.shape)
 
-    def _advise(self, names: Sequence[str], advice: int) -> None:
+    def _advise(self, names: Sequence[str], advice: int, span: Optional[Tuple[int, int]] = None) -> None:
         if self._map is None:
             return
         for name in names:
             e = self.entries[name]
-            start = e.begin - e.begin % PAGE
-            if e.end > start:
-                self._map.madvise(advice, start, e.end - start)
+            begin, end = (e.begin, e.end) if span is None else (e.begin + span[0], min(e.begin + span[1], e.end))
+            start = begin - begin % PAGE
+            if end > start:
+                self._map.madvise(advice, start, end - start)
 
     def prefetch(self, names: Sequence[str]) -> bool:
         """Read these tensors' pages and map them now (MADV_POPULATE_READ, Linux ≥ 5.14), so that using them
@@ -229,6 +230,10 @@ class SafetensorsFile:
         """Drop these tensors' pages from the process: they are read again from the file if used again.
         Tensors returned by `tensor()` for them must no longer be used after modifying them."""
         self._advise(names, mmap.MADV_DONTNEED)
+
+    def release_bytes(self, name: str, begin: int, end: int) -> None:
+        """`release` for bytes [begin, end) of one tensor's data (the pages they touch)."""
+        self._advise([name], mmap.MADV_DONTNEED, (begin, end))
 
     def close(self) -> None:
         if self._map is not None:

@@ -6,8 +6,9 @@ tests/test_layout.py checks that both agree). The Triton kernels read rows throu
 triton_kernels/table.py, whose offsets come from here.
 
 One row per output tensor, ``table_width(N)`` entries: [out_ptr, out_dtype, numel, base_ptr (0: none),
-base_dtype, drop_threshold (0: keep all), then per input i, at HEADER_WIDTH + INPUT_STRIDE * i: in_ptr,
-in_dtype, coeff (fp64 bit pattern), Philox key].
+base_dtype, drop_threshold (0: keep all), first (the index of the row's first element in its whole tensor,
+a multiple of 128, when the row is a block of it: the Philox counters start there), then per input i,
+at HEADER_WIDTH + INPUT_STRIDE * i: in_ptr, in_dtype, coeff (fp64 bit pattern), Philox key].
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ NUMEL = 2
 BASE_PTR = 3
 BASE_DTYPE = 4
 DROP_THRESHOLD = 5
-HEADER_WIDTH = 6
+FIRST = 6
+HEADER_WIDTH = 7
 # Columns of input i, at HEADER_WIDTH + INPUT_STRIDE * i + the offset below.
 IN_PTR = 0
 IN_DTYPE = 1
@@ -45,13 +47,13 @@ MERGE_CODES = {"sum": MERGE_SUM, "mean": MERGE_MEAN, "max": MERGE_MAX}
 # Every value above by name, as csrc/common/table.h exports it (kLayout).
 LAYOUT: Dict[str, int] = dict(
     OUT_PTR=OUT_PTR, OUT_DTYPE=OUT_DTYPE, NUMEL=NUMEL, BASE_PTR=BASE_PTR, BASE_DTYPE=BASE_DTYPE,
-    DROP_THRESHOLD=DROP_THRESHOLD, HEADER_WIDTH=HEADER_WIDTH,
+    DROP_THRESHOLD=DROP_THRESHOLD, FIRST=FIRST, HEADER_WIDTH=HEADER_WIDTH,
     IN_PTR=IN_PTR, IN_DTYPE=IN_DTYPE, COEFF=COEFF, KEY=KEY, INPUT_STRIDE=INPUT_STRIDE,
     F32=F32, F16=F16, BF16=BF16, F64=F64,
     MERGE_SUM=MERGE_SUM, MERGE_MEAN=MERGE_MEAN, MERGE_MAX=MERGE_MAX,
 )
 
-assert sorted((OUT_PTR, OUT_DTYPE, NUMEL, BASE_PTR, BASE_DTYPE, DROP_THRESHOLD)) == list(range(HEADER_WIDTH))
+assert sorted((OUT_PTR, OUT_DTYPE, NUMEL, BASE_PTR, BASE_DTYPE, DROP_THRESHOLD, FIRST)) == list(range(HEADER_WIDTH))
 assert sorted((IN_PTR, IN_DTYPE, COEFF, KEY)) == list(range(INPUT_STRIDE))
 
 
@@ -99,6 +101,9 @@ def build_table(jobs: Sequence[CombineJob]) -> Tuple[torch.Tensor, List[torch.Te
             row[BASE_PTR] = base.data_ptr()
             row[BASE_DTYPE] = DTYPE_CODES[base.dtype]
         row[DROP_THRESHOLD] = job.threshold
+        if job.first % 128:
+            raise ValueError(f"a row block's first element must be a multiple of 128 (Philox groups), got {job.first}")
+        row[FIRST] = job.first
         keys = job.keys if job.threshold else [0] * n
         for i, (x, c, key) in enumerate(zip(job.inputs, job.coeffs, keys)):
             x = x.contiguous()

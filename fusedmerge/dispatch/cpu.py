@@ -26,12 +26,15 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     """Selection of the trim thresholds (skipped for DARE-TIES), then one fused merge pass."""
     n = len(spec.weights)
     keys = spec.keys or [None] * len(jobs)
-    rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k) for j, k in zip(jobs, keys)]
+    rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k, j.first)
+            for j, k in zip(jobs, keys)]
     table, keep = build_table(rows)
     args = _table_args(table, n)
     model_scope = spec.scope == "model"
     thresholds = torch.zeros((len(spec.ks), n), dtype=torch.int32)
-    if spec.trims(jobs):
+    if spec.thresholds is not None:
+        thresholds = torch.tensor(spec.thresholds, dtype=torch.int64).to(torch.int32)
+    elif spec.trims(jobs):
         ks = torch.tensor(spec.ks, dtype=torch.int64)
         _cpu.ties_select(_cpu.TiesSelectArgs(table=args, model_scope=model_scope, ks=ks.data_ptr(),
                                              thresholds=thresholds.data_ptr()))

@@ -50,11 +50,13 @@ def ties(jobs: Sequence[CombineJob], spec: TiesSpec) -> None:
     device = jobs[0].out.device
     block = ties_kernels.BLOCK_INTERPRETER if device.type == "cpu" else ties_kernels.BLOCK
     keys = spec.keys or [None] * len(jobs)
-    rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k) for j, k in zip(jobs, keys)]
+    rows = [CombineJob(j.out, j.inputs, spec.weights, j.base, spec.drop_threshold, k, j.first)
+            for j, k in zip(jobs, keys)]
     table, keep = build_table(rows)
     tile_tensor, tile_start = _tiles(table, block, device)
     table = table.to(device)
-    thresholds = (ties_kernels.thresholds(jobs, spec) if spec.trims(jobs)
+    thresholds = (torch.tensor(spec.thresholds, dtype=torch.int64) if spec.thresholds is not None
+                  else ties_kernels.thresholds(jobs, spec) if spec.trims(jobs)
                   else torch.zeros((len(spec.ks), len(spec.weights)), dtype=torch.int64)).to(device)
     common = dict(n_inputs=len(spec.weights), model_scope=spec.scope == "model", weighted=spec.weighted_vote,
                   count=spec.elect == "count", rescale=float(spec.drop_rescale), block=block)

@@ -4,13 +4,15 @@ computed from them by vectorised fp64 torch over all rows at once, and one `comb
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import dispatch, options
-from ..reductions import DotsJob, DotsSpec, dots
+from ..reductions import DotsJob, DotsSpec, dots, tree_sum
 from ..reference import CombineJob
+from ._spec import BlockPass, GroupCall, RowBlocks, Span, StateDict
 
 
 def rows_of(t: torch.Tensor, per_row: bool) -> int:
@@ -53,3 +55,55 @@ def run_combine(jobs: Sequence[CombineJob], backend: str) -> None:
         by_device.setdefault(job.out.device, []).append(job)
     for device_jobs in by_device.values():
         dispatch.run("combine", device_jobs, backend)
+
+
+# --- row blocks (RowBlocks) ------------------------------------------------------------------------------------
+
+BLOCK_CHUNK = 2**16  # elements (a power of two): a per-tensor sum is gathered over row blocks as chunk sums
+
+
+Operands = Callable[[GroupCall], Tuple[List[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def reduce_blocks(spec: Callable[[int], DotsSpec], operands: Operands, per_row: Callable[[GroupCall], bool],
+                  merge: Callable[[GroupCall, torch.Tensor], StateDict]) -> RowBlocks:
+    """RowBlocks for a method whose statistics are the `dots` sums spec(len(inputs)) of operands(call) =
+    (inputs, base) of a row block (GroupCall.block), per
+    tensor (per row of the [rows, last dim] view where per_row(call) and the tensor has two dims or more),
+    with the whole tensor's bits. One pass: per row, a block holds whole rows and gives their sums; per tensor,
+    blocks start at multiples of BLOCK_CHUNK and give the tree sums of their aligned BLOCK_CHUNK-element
+    chunks (the last one may be short), which `tree_sum` reduces at the end — an aligned power-of-two chunk's
+    sum is a subtree of the whole tensor's tree, and a short chunk's tree differs from its zero-padded one by
+    +0 only (reductions.py). merge(call, sums) then merges a block whose tensors are [rows, last dim] views
+    (per row) given its rows' sums, or 1-D blocks given the tensor's sums [1, P]."""
+
+    def cols(shape, call) -> int:
+        return shape[-1] if per_row(call) and len(shape) >= 2 else 0
+
+    def partial(call: GroupCall, span: Span, stats) -> Tuple[torch.Tensor, bool]:
+        inputs, base = operands(call)
+        step = cols(span.shape, call) or BLOCK_CHUNK
+        full = span.numel // step * step
+        parts = [(0, full, full // step)] if full else []
+        parts += [(full, span.numel, 1)] if full < span.numel else []
+        jobs = [DotsJob([x[a:b] for x in inputs], None if base is None else base[a:b], rows) for a, b, rows in parts]
+        return group_sums(jobs, spec(len(inputs)), call.backend), not cols(span.shape, call)
+
+    def combine(total, part):
+        return torch.cat([total[0], part[0]]), total[1]
+
+    def finish(total, stats) -> torch.Tensor:
+        sums, per_tensor = total
+        return tree_sum(sums, torch.tensor([sums.shape[0]])) if per_tensor else sums
+
+    def merge_block(call: GroupCall, span: Span, sums: torch.Tensor) -> StateDict:
+        c = cols(span.shape, call)
+        if not c:
+            return merge(call, sums)
+        view = lambda sd: None if sd is None else {k: t.reshape(-1, c) for k, t in sd.items()}  # noqa: E731
+        rows = dataclasses.replace(call, base=view(call.base), models=[view(m) for m in call.models])
+        merged = merge(rows, sums[span.first // c:(span.first + span.numel) // c])
+        return {k: t.reshape(-1) for k, t in merged.items()}
+
+    return RowBlocks(passes=(BlockPass(partial, combine, finish),), merge=merge_block,
+                     align=lambda shape, call: cols(shape, call) or BLOCK_CHUNK)

@@ -79,6 +79,60 @@ class GroupCall:
         given = list(self.per_model) or [{}] * len(self.models)
         return [m.get(key, method.model_params[key].default) for m in given]
 
+    def block(self) -> Tuple[str, Optional[torch.Tensor], List[torch.Tensor]]:
+        """(name, base, inputs) of a call holding one tensor's row block (RowBlocks)."""
+        (name,) = self.models[0]
+        return name, None if self.base is None else self.base[name], [m[name] for m in self.models]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A row block of one tensor: elements [first, first + numel) of the flattened tensor of `shape`. The
+    block's tensors in a GroupCall are 1-D views of that range, keyed by the tensor's name."""
+
+    shape: Tuple[int, ...]
+    first: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class BlockPass:
+    """One statistics pass of a blocked merge, over every block of the tensor in order.
+
+    partial(call, span, stats): the statistics of one block (stats: what the earlier passes gave, None in
+        the first pass).
+    combine(total, partial): folds the next block's partial into the running total, in block order (the
+        first block's partial is the first total), so that memory holds one total, not one per block.
+    finish(total, stats): the tensor's statistics from the total (and the earlier passes'): exactly (bit for
+        bit) what the whole tensor gives, or within a bound the method documents and tests.
+    """
+
+    partial: Callable[[GroupCall, Span, Any], Any]
+    combine: Callable[[Any, Any], Any]
+    finish: Callable[[Any, Any], Any] = lambda total, stats: total
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a method merges one tensor in blocks, so that memory does not grow with the largest tensor
+    (`fusedmerge merge` streams a tensor larger than half its budget this way: checkpoint/blocks.py).
+
+    passes:  statistics passes, run in order over every block before the merge (none: blocks independent).
+    merge:   merge(call, span, stats) -> {name: the block's merged elements} given the last pass's combined
+             statistics; None: ConfigMethod.merge on the block (elementwise methods without statistics).
+    align:   align(shape, call) -> every block but the last has a multiple of this many elements and starts
+             at a multiple of it (DARE's Philox groups: 128; rows for per-row statistics; a peer's chunks);
+             `call` carries the parameters only (no tensors).
+    Merging every block must give the whole tensor's result bit for bit (tests/test_blocks.py checks it).
+    """
+
+    passes: Tuple[BlockPass, ...] = ()
+    merge: Optional[Callable[[GroupCall, Span, Any], StateDict]] = None
+    align: Callable[[Tuple[int, ...], GroupCall], int] = lambda shape, call: 1
+
+
+ELEMENTWISE = RowBlocks()  # each output element depends on the inputs' same element only
+
 
 @dataclass(frozen=True)
 class ConfigMethod:
@@ -88,10 +142,11 @@ class ConfigMethod:
     `whole_model` methods (OPCM) see the whole model at once instead and have `merge` None. `check` refuses,
     when the configuration is read, what the method cannot carry out (it gets each non-base model's
     parameters). `batch` is the mergekit plugin's entry for mergekit's batched methods (linear, slerp):
-    (tensors shaped [rows, ...], base index, mergekit's parameters) -> merged rows. `base_use`, for a method
-    that does not need a base: None refuses a `base_model`; "optional" merges with it when one is given
-    (mergekit's OPTIONAL base: nuslerp, multislerp); "input" takes it as one more model (mergekit's IGNORED
-    base: karcher)."""
+    (tensors shaped [rows, ...], base index, mergekit's parameters) -> merged rows. `blocks`: how one
+    tensor is merged in row blocks (RowBlocks); None: a tensor is always merged whole. `base_use`, for a
+    method that does not need a base: None refuses a `base_model`; "optional" merges with it when one is
+    given (mergekit's OPTIONAL base: nuslerp, multislerp); "input" takes it as one more model (mergekit's
+    IGNORED base: karcher)."""
 
     name: str
     peer: Optional[str]
@@ -103,6 +158,7 @@ class ConfigMethod:
     batch: Optional[Callable[[Sequence[torch.Tensor], Optional[int], Mapping[str, Any]], torch.Tensor]] = None
     whole_model: bool = False
     doc: str = ""
+    blocks: Optional[RowBlocks] = None
     base_use: Optional[str] = None
 
 

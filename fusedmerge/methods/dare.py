@@ -24,9 +24,9 @@ from .. import options as opt
 from .._forms import Slot, Terms, gather, gather_like, merge_linear
 from ..opcm import linear_weights
 from ..options import ConfigError
-from ..philox import drop_threshold, mask_key
+from ..philox import GROUP, drop_threshold, mask_key
 from ..reference import CombineJob, bucket_value
-from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import REQUIRED, BlockPass, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS, mergekit_divisor
 
 
@@ -74,7 +74,13 @@ def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, s
     weights (Linear layers), or give the collection of keys to drop in (e.g. fusedmerge.opcm.linear_weights
     of a module); other tensors are merged by plain task arithmetic.
     """
-    o = DareOptions(p, scaling, weights, rescale, seed, name, linear_only, out_dtype)
+    return _dare(DareOptions(p, scaling, weights, rescale, seed, name, linear_only, out_dtype), base, inputs, out,
+                 backend)
+
+
+def _dare(o: DareOptions, base, inputs, out=None, backend: str = "auto", first: int = 0, l1=None):
+    """`dare` with its options; `first` and `l1` when the inputs are one row block of a tensor: the block's
+    first element in the tensor, and the tensor's L1 buckets (summed over its blocks by `l1_block`)."""
     forms = gather(inputs, name=o.name)
     base_dict = gather_like(base, forms, "base")
     plain = [o.scaling * w for w in opt.count_weights(o.weights, len(forms.dicts), normalise=False)]
@@ -86,17 +92,29 @@ def dare(base, inputs, p: float, *, weights: Optional[Sequence[float]] = None, s
         for k in dropped:
             keys = [mask_key(o.seed, i, slots[k].key) for i in range(len(plain))]
             coeffs = [c / (1.0 - o.p) for c in plain] if o.rescale is True else plain
-            out_terms[k] = Terms(coeffs, threshold, keys)
+            out_terms[k] = Terms(coeffs, threshold, keys, first)
         if o.rescale == "l1" and dropped:
-            jobs = [CombineJob(slots[k].out, slots[k].inputs, plain, slots[k].base, threshold, out_terms[k].keys)
+            jobs = [CombineJob(slots[k].out, slots[k].inputs, plain, slots[k].base, threshold, out_terms[k].keys, first)
                     for k in dropped]
-            buckets = dispatch.run("l1_buckets", jobs, backend)
+            buckets = dispatch.run("l1_buckets", jobs, backend) if l1 is None else [l1]
             for k, b in zip(dropped, buckets):
                 out_terms[k].coeffs = [c * l1_factor(b[i]) for i, c in enumerate(plain)]
         return out_terms
 
     out_dict = gather_like(out, forms, "out") if out is not None else None
     return forms.wrap(merge_linear(forms, terms, base_dict, o.out_dtype, backend, out_dict, "scaling·weights"), out)
+
+
+def l1_block(o: DareOptions, key: str, base: torch.Tensor, inputs: Sequence[torch.Tensor], backend: str,
+             first: int) -> Optional[torch.Tensor]:
+    """The L1 buckets [N, 2, 256] of one row block of tensor `key` starting at element `first` (integer
+    sums: the blocks' sum is the whole tensor's exactly), or None when the options need none."""
+    threshold = drop_threshold(o.p)
+    if o.rescale != "l1" or not threshold:
+        return None
+    keys = [mask_key(o.seed, i, key) for i in range(len(inputs))]
+    return dispatch.run("l1_buckets", [CombineJob(base, inputs, [1.0] * len(inputs), base, threshold, keys, first)],
+                        backend)[0]
 
 
 def l1_factor(buckets: torch.Tensor) -> float:
@@ -124,19 +142,28 @@ DARE_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ"),
                      "density": Param("fraction", 1.0, doc="kept fraction, one for every model")}
 
 
-def _mergekit_dare_linear(call: GroupCall):
+def _dare_linear_options(call: GroupCall) -> DareOptions:
     method = MERGEKIT_DARE_LINEAR
     lam = call.param("lambda", method) / mergekit_divisor(call.weights, call.param("normalize", method))
-    return dare(call.base, call.models, 1.0 - one_density(call.densities, method.name), weights=call.weights,
-                scaling=lam, rescale="l1" if call.param("rescale", method) else False, seed=call.seed,
-                name=call.name, out_dtype=call.out_dtype, backend=call.backend)
+    return DareOptions(1.0 - one_density(call.densities, method.name), lam, tuple(call.weights),
+                       "l1" if call.param("rescale", method) else False, call.seed, call.name, False, call.out_dtype)
+
+
+def _l1_pass(call: GroupCall, span: Span, stats) -> Optional[torch.Tensor]:
+    key, base, inputs = call.block()
+    return l1_block(_dare_linear_options(call), key, base, inputs, call.backend, span.first)
 
 
 MERGEKIT_DARE_LINEAR = ConfigMethod(
     "dare_linear", "mergekit", needs_base=True, model_params=DARE_MODEL_PARAMS,
     global_params={**GTA_PARAMS, "rescale": Param("bool", True, doc="keep each tensor's L1 norm")},
-    merge=_mergekit_dare_linear, check=lambda models: one_density([m.get("density") for m in models], "dare_linear"),
-    doc="θ0 + λ·Σ wᵢ·rᵢ·keepᵢ⊙τᵢ, keep = density")
+    merge=lambda call: _dare(_dare_linear_options(call), call.base, call.models, backend=call.backend),
+    check=lambda models: one_density([m.get("density") for m in models], "dare_linear"),
+    doc="θ0 + λ·Σ wᵢ·rᵢ·keepᵢ⊙τᵢ, keep = density",
+    blocks=RowBlocks(passes=(BlockPass(_l1_pass, lambda total, b: None if b is None else total + b),),
+                     merge=lambda call, span, l1: _dare(_dare_linear_options(call), call.base, call.models,
+                                                        backend=call.backend, first=span.first, l1=l1),
+                     align=lambda shape, call: GROUP))
 
 
 def _fb_dare(algo, pool, scaling=None):

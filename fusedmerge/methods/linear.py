@@ -19,7 +19,7 @@ import torch
 from .. import options as opt
 from .. import reference
 from .._forms import Terms, gather, gather_like, merge_linear
-from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import ELEMENTWISE, REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _mergekit_linear_batch(tensors: Sequence[torch.Tensor], base_index, params) 
 MERGEKIT_LINEAR = ConfigMethod(
     "linear", "mergekit", needs_base=False, model_params={"weight": Param("number", 1.0, doc="wᵢ")},
     global_params={"normalize": Param("bool", True, doc="divide by Σ wᵢ")}, merge=_mergekit_linear,
-    batch=_mergekit_linear_batch, doc="Σ wᵢ·θᵢ / Σ wᵢ")
+    batch=_mergekit_linear_batch, doc="Σ wᵢ·θᵢ / Σ wᵢ", blocks=ELEMENTWISE)
 
 
 def _fb_simple_average(algo, pool):

@@ -28,7 +28,7 @@ from .. import options as opt
 from .. import reference
 from .._forms import gather, gather_like, prepare
 from ..reductions import DotsJob, DotsSpec, dots, gram_matrix, gram_pairs
-from ._reduce import combine_rows, group_sums, rows_of, run_combine
+from ._reduce import combine_rows, group_sums, reduce_blocks, rows_of, run_combine
 from ._spec import ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 VARIANTS = ("mergekit", "fusionbench")
@@ -76,7 +76,11 @@ def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "merg
                 out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
     """Model Stock of two or more fine-tuned models onto `base`, over tensors, state dicts or modules (the
     forms of `average`); see the module docstring for the formula and the variants."""
-    o = ModelStockOptions(filter_wise, variant, name, out_dtype)
+    return _model_stock(base, inputs, ModelStockOptions(filter_wise, variant, name, out_dtype), backend)
+
+
+def _model_stock(base, inputs, o: ModelStockOptions, backend: str, sums: Optional[torch.Tensor] = None):
+    """model_stock; `sums`: the Gram sums of every row when already known (a row block's: the whole tensor's)."""
     forms = gather(inputs, name=o.name)
     if len(forms.dicts) < 2:
         raise ValueError(f"model_stock needs at least two fine-tuned models besides the base; inputs has "
@@ -85,7 +89,8 @@ def model_stock(base, inputs, *, filter_wise: bool = False, variant: str = "merg
     merged, slots = prepare(forms, base_dict, o.out_dtype)
     n = len(forms.dicts)
     jobs = [DotsJob(s.inputs, s.base, rows_of(s.out, o.filter_wise)) for s in slots]
-    sums = group_sums(jobs, DotsSpec(gram_pairs(n)), backend)
+    if sums is None:
+        sums = group_sums(jobs, DotsSpec(gram_pairs(n)), backend)
     t = ratios(gram_matrix(sums, n), o.variant)
     per_slot = torch.split((t / n).unsqueeze(1).expand(-1, n), [j.rows for j in jobs])
     run_combine([c for s, ts in zip(slots, per_slot) for c in combine_rows(s.out, s.inputs, s.base, ts, "inputs")],
@@ -101,15 +106,26 @@ def _check_count(models) -> None:
         raise opt.ConfigError(f"model_stock needs at least two models besides base_model, got {len(models)}")
 
 
-def _mergekit_model_stock(call: GroupCall):
-    return model_stock(call.base, call.models, filter_wise=call.param("filter_wise", MERGEKIT_MODEL_STOCK),
-                       name=call.name, out_dtype=call.out_dtype, backend=call.backend)
+def _mergekit_model_stock(call: GroupCall, sums: Optional[torch.Tensor] = None):
+    o = ModelStockOptions(_filter_wise(call), name=call.name, out_dtype=call.out_dtype)
+    return _model_stock(call.base, call.models, o, call.backend, sums)
+
+
+def _filter_wise(call: GroupCall) -> bool:
+    return call.param("filter_wise", MERGEKIT_MODEL_STOCK)
+
+
+def _operands(call: GroupCall):
+    """(the models' tensors, the base's) of a row block (RowBlocks)."""
+    name, base, inputs = call.block()
+    return inputs, base
 
 
 MERGEKIT_MODEL_STOCK = ConfigMethod(
     "model_stock", "mergekit", needs_base=True, model_params={},
     global_params={"filter_wise": Param("bool", False, doc="one ratio per row instead of per tensor")},
     merge=_mergekit_model_stock, check=_check_count,
+    blocks=reduce_blocks(lambda n: DotsSpec(gram_pairs(n)), _operands, _filter_wise, _mergekit_model_stock),
     doc="θ0 + t·mean(τᵢ), t from the mean cosine of the task vectors")
 
 

@@ -20,7 +20,7 @@ from .. import options as opt
 from .._forms import gather, gather_like, prepare
 from ..reference import CombineJob
 from ._sparse import store
-from ._spec import REQUIRED, ConfigMethod, Method, Param
+from ._spec import ELEMENTWISE, REQUIRED, ConfigMethod, Method, Param
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ MERGEKIT_NEARSWAP = ConfigMethod(
     global_params={"t": Param("number", REQUIRED, doc="distance below which the other model is taken whole")},
     merge=lambda call: nearswap(call.base, call.models, call.param("t", MERGEKIT_NEARSWAP),
                                 out_dtype=call.out_dtype, backend=call.backend),
-    doc="w = clamp(t/|a−b|, 0, 1), out = w·b + (1−w)·a")
+    doc="w = clamp(t/|a−b|, 0, 1), out = w·b + (1−w)·a", blocks=ELEMENTWISE)
 
 NEARSWAP = Method("nearswap", nearswap, NearswapOptions, nearswap, (), n_inputs=1, config=(MERGEKIT_NEARSWAP,),
                   grid=({"t": 0.05}, {"t": 1e-4, "out_dtype": torch.float32}))

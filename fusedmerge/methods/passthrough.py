@@ -19,7 +19,7 @@ import torch
 from .. import options as opt
 from .. import reference
 from .._forms import gather, merge_linear
-from ._spec import ConfigMethod, GroupCall, Method, Param
+from ._spec import ELEMENTWISE, ConfigMethod, GroupCall, Method, Param
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ MERGEKIT_PASSTHROUGH = ConfigMethod(
     "passthrough", "mergekit", needs_base=False,
     model_params={"scale": Param("number", None, doc="multiplies the model's tensors (none: copied)")},
     global_params={}, merge=_mergekit_passthrough, check=_check_one,
-    doc="one model's tensors, times scale; with slices: stacks layers of several models")
+    doc="one model's tensors, times scale; with slices: stacks layers of several models", blocks=ELEMENTWISE)
 
 PASSTHROUGH = Method(
     "passthrough", passthrough, PassthroughOptions, reference.combine, ("combine",), takes_base=False, n_inputs=1,

@@ -27,7 +27,7 @@ from .. import options as opt
 from .. import reference
 from .._forms import Forms, Slot, gather, gather_like, prepare
 from ..reductions import DotsJob, DotsSpec
-from ._reduce import combine_rows, group_sums, run_combine
+from ._reduce import combine_rows, group_sums, reduce_blocks, run_combine
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 VARIANTS = ("mergekit", "fusionbench")
@@ -68,9 +68,12 @@ def coefficients(sums: torch.Tensor, t: torch.Tensor, variant: str = "mergekit",
 SUMS = DotsSpec(((0, 0), (1, 1), (0, 1)))
 
 
-def _merge_pairs(slots, rows, t: torch.Tensor, o: SlerpOptions, backend: str) -> None:
-    """One dots launch for every slot's sums (per tensor, or per row: `rows`), one combine launch."""
-    sums = group_sums([DotsJob(s.inputs, None, r) for s, r in zip(slots, rows)], SUMS, backend)
+def _merge_pairs(slots, rows, t: torch.Tensor, o: SlerpOptions, backend: str,
+                 sums: Optional[torch.Tensor] = None) -> None:
+    """One dots launch for every slot's sums (per tensor, or per row: `rows`; or the given `sums`), one
+    combine launch."""
+    if sums is None:
+        sums = group_sums([DotsJob(s.inputs, None, r) for s, r in zip(slots, rows)], SUMS, backend)
     c = coefficients(sums, t, o.variant, o.dot_threshold, o.eps)
     run_combine([job for s, r, cs in zip(slots, rows, torch.split(c, rows))
                  for job in combine_rows(s.out, s.inputs, None, cs, "t")], backend)
@@ -82,25 +85,29 @@ def slerp(base, inputs, t: float, *, variant: str = "mergekit", dot_threshold: f
     """SLERP from `base` (t = 0) to the one model of `inputs` (t = 1), tensor by tensor, over tensors, state
     dicts or modules (the forms of `average`); see the module docstring. Integer buffers are taken when
     both models agree."""
-    o = SlerpOptions(t, variant, dot_threshold, eps, name, out_dtype)
+    return _slerp(base, inputs, SlerpOptions(t, variant, dot_threshold, eps, name, out_dtype), backend)
+
+
+def _slerp(base, inputs, o: SlerpOptions, backend: str, sums: Optional[torch.Tensor] = None):
+    """slerp; `sums`: the sums of every tensor when already known (a row block's: the whole tensor's)."""
     forms = gather(inputs, name=o.name)
     if len(forms.dicts) != 1:
         raise ValueError(f"slerp interpolates between base and exactly one model; inputs has {len(forms.dicts)}")
     base_dict = gather_like(base, forms, "base")
     pair = Forms(forms.kind, [base_dict, forms.dicts[0]], base, forms.name)
     merged, slots = prepare(pair, None, o.out_dtype)
-    _merge_pairs(slots, [1] * len(slots), torch.full((len(slots),), o.t, dtype=torch.float64), o, backend)
+    _merge_pairs(slots, [1] * len(slots), torch.full((len(slots),), o.t, dtype=torch.float64), o, backend, sums)
     return pair.wrap(merged)
 
 
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_slerp(call: GroupCall):
+def _mergekit_slerp(call: GroupCall, sums: Optional[torch.Tensor] = None):
     if len(call.models) != 1:
         raise ValueError(f"slerp needs the base and exactly one other model, got {len(call.models)} others")
-    return slerp(call.base, call.models, call.param("t", MERGEKIT_SLERP), out_dtype=call.out_dtype,
-                 backend=call.backend)
+    o = SlerpOptions(call.param("t", MERGEKIT_SLERP), out_dtype=call.out_dtype)
+    return _slerp(call.base, call.models, o, call.backend, sums)
 
 
 def _mergekit_slerp_batch(tensors: Sequence[torch.Tensor], base_index, params) -> torch.Tensor:
@@ -117,6 +124,12 @@ def _mergekit_slerp_batch(tensors: Sequence[torch.Tensor], base_index, params) -
     return out
 
 
+def _operands(call: GroupCall):
+    """([a, b], no base) of a row block (RowBlocks): SUMS are over the base and the model themselves."""
+    name, base, inputs = call.block()
+    return [base] + inputs, None
+
+
 def _check_pair(models) -> None:
     if len(models) != 1:
         raise opt.ConfigError(f"slerp merges base_model and exactly one other model; models lists {len(models)} "
@@ -127,6 +140,7 @@ MERGEKIT_SLERP = ConfigMethod(
     "slerp", "mergekit", needs_base=True, model_params={},
     global_params={"t": Param("number", REQUIRED, doc="0 gives base_model, 1 the other model")},
     merge=_mergekit_slerp, check=_check_pair, batch=_mergekit_slerp_batch,
+    blocks=reduce_blocks(lambda n: SUMS, _operands, lambda call: False, _mergekit_slerp),
     doc="spherical interpolation from base_model to the other model, per tensor")
 
 

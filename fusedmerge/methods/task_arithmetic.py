@@ -16,7 +16,7 @@ import torch
 from .. import options as opt
 from .. import reference
 from .._forms import gather, gather_like, merge_linear
-from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import ELEMENTWISE, REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _mergekit_task_arithmetic(call: GroupCall):
 MERGEKIT_TASK_ARITHMETIC = ConfigMethod(
     "task_arithmetic", "mergekit", needs_base=True, model_params={"weight": Param("number", 1.0, doc="wᵢ")},
     global_params={k: GTA_PARAMS[k] for k in ("lambda", "normalize")}, merge=_mergekit_task_arithmetic,
-    doc="θ0 + λ·Σ wᵢ·τᵢ")
+    doc="θ0 + λ·Σ wᵢ·τᵢ", blocks=ELEMENTWISE)
 
 
 def _fb_task_arithmetic(algo, pool):

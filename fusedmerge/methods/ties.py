@@ -29,9 +29,9 @@ import torch
 from .. import dispatch, reference
 from .. import options as opt
 from .._forms import gather, gather_like, prepare
-from ..philox import drop_threshold, mask_key
+from ..philox import GROUP, drop_threshold, mask_key
 from ..reference import CombineJob, TiesSpec
-from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
+from ._spec import REQUIRED, BlockPass, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
 from .dare import DARE_MODEL_PARAMS, one_density
 from .task_arithmetic import GTA_PARAMS
 
@@ -95,8 +95,14 @@ def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights:
          backend: str = "auto"):
     """TIES merge of tensors, state dicts or modules onto `base`: θ0 + λ·disjoint_merge(trim(τ), elect(τ)).
     See the module docstring for the options."""
-    o = TiesOptions(density, scaling, weights, merge, dare_p, seed, name, scope, elect, rescale, k_rule,
-                    weighted_vote, vote_tie, out_dtype)
+    return _ties(TiesOptions(density, scaling, weights, merge, dare_p, seed, name, scope, elect, rescale, k_rule,
+                             weighted_vote, vote_tie, out_dtype), base, inputs, out, backend)
+
+
+def _ties(o: TiesOptions, base, inputs, out=None, backend: str = "auto", first: int = 0, thresholds=None):
+    """`ties` with its options; `first` and `thresholds` when the inputs are one row block of a tensor: the
+    block's first element in the tensor (DARE-TIES' masks), and the trim thresholds selected over the whole
+    tensor (magnitude bits per model, by `threshold_passes`)."""
     forms = gather(inputs, name=o.name)
     base_dict = gather_like(base, forms, "base")
     w = opt.count_weights(o.weights, len(forms.dicts), normalise=False)
@@ -113,7 +119,8 @@ def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights:
     scope_sizes = sizes if o.scope == "tensor" else [sum(sizes)]
     spec = TiesSpec(weights=w, scaling=o.scaling,
                     ks=[[kept_count(d, n, o.k_rule) for d in densities] for n in scope_sizes],
-                    scope=o.scope, elect=o.elect, merge=o.merge, weighted_vote=o.weighted_vote, vote_tie=o.vote_tie)
+                    scope=o.scope, elect=o.elect, merge=o.merge, weighted_vote=o.weighted_vote, vote_tie=o.vote_tie,
+                    thresholds=None if thresholds is None else [thresholds])
     if o.dare_p is not None:
         spec.drop_threshold = drop_threshold(o.dare_p)
         spec.drop_rescale = 1.0 / (1.0 - o.dare_p) if o.rescale else 1.0
@@ -121,7 +128,7 @@ def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights:
         if spec.drop_threshold == 0:  # p = 0 drops nothing: keep every delta
             spec.ks = [[n] * len(w) for n in scope_sizes]
             spec.keys = None
-    jobs = [CombineJob(slot.out, slot.inputs, w, slot.base) for slot in slots]
+    jobs = [CombineJob(slot.out, slot.inputs, w, slot.base, first=first) for slot in slots]
     for acc_dtype in {job.acc_dtype for job in jobs}:
         opt.finite_coefficients(w, acc_dtype, "weights")
         opt.finite_coefficients([o.scaling], acc_dtype, "scaling")
@@ -132,14 +139,70 @@ def ties(base, inputs, *, density: Union[float, Sequence[float]] = 0.2, weights:
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_ties(call: GroupCall, method: ConfigMethod, random: bool):
+def _mergekit_options(call: GroupCall, random: bool) -> TiesOptions:
+    method = MERGEKIT_DARE_TIES if random else MERGEKIT_TIES
     merge = "mean" if call.param("normalize", method) else "sum"
-    common = dict(weights=call.weights, scaling=call.param("lambda", method), merge=merge, name=call.name,
-                  out_dtype=call.out_dtype, backend=call.backend)
+    common = dict(weights=tuple(call.weights), scaling=call.param("lambda", method), merge=merge, name=call.name,
+                  out_dtype=call.out_dtype)
     if random:
-        return ties(call.base, call.models, dare_p=1.0 - one_density(call.densities, method.name),
-                    rescale=bool(call.param("rescale", method)), seed=call.seed, **common)
-    return ties(call.base, call.models, density=[1.0 if d is None else d for d in call.densities], **common)
+        return TiesOptions(dare_p=1.0 - one_density(call.densities, method.name),
+                           rescale=bool(call.param("rescale", method)), seed=call.seed, **common)
+    return TiesOptions(density=tuple(1.0 if d is None else d for d in call.densities), **common)
+
+
+# Row blocks (RowBlocks): the trim thresholds are the exact k-th largest |τᵢ| bits of the whole tensor,
+# selected digit by digit (16 bits per pass, most significant first) from histograms of the blocks summed as
+# integers — a radix selection, exact and independent of the blocks; 32-bit magnitudes (fp32 accumulation)
+# skip the two upper digits. Then each block is merged with those thresholds (DARE-TIES: its masks keyed
+# by the elements' indices in the whole tensor).
+DIGIT = 16
+SELECT_CHUNK = 1 << 18  # elements whose magnitudes are histogrammed at once
+
+
+def _digit_pass(d: int) -> BlockPass:
+    shift = DIGIT * d
+
+    def partial(call: GroupCall, span: Span, stats):
+        _, base, inputs = call.block()
+        o = _mergekit_options(call, random=False)
+        ks = stats[1] if stats else [kept_count(x, math.prod(span.shape), o.k_rule) for x in o.densities(len(inputs))]
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
+        if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
+            return ks, None  # integer tensors are not trimmed; 32-bit magnitudes have no upper digits
+        hists = torch.zeros((len(inputs), 1 << DIGIT), dtype=torch.int64, device=base.device)
+        for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
+            b = base[start:start + SELECT_CHUNK].to(acc)
+            for m, x in enumerate(inputs):
+                bits = reference.magnitude_bits(x[start:start + SELECT_CHUNK].to(acc) - b)
+                if stats:
+                    bits = bits[(bits >> (shift + DIGIT)) == (stats[0][m] >> (shift + DIGIT))]
+                hists[m] += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << DIGIT)
+        return ks, hists
+
+    def finish(total, stats):
+        ks, hists = total
+        prefixes = list(stats[0]) if stats else [0] * len(ks)
+        if hists is None:
+            return prefixes, ks
+        ks = list(ks)
+        for m, h in enumerate(hists):
+            above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[g]: count with digit ≥ g
+            g = int(torch.nonzero(above >= ks[m]).max())
+            prefixes[m] |= g << shift
+            ks[m] -= int(above[g]) - int(h[g])
+        return prefixes, ks
+
+    return BlockPass(partial, lambda a, b: (a[0], None if a[1] is None else a[1] + b[1]), finish)
+
+
+TIES_BLOCKS = RowBlocks(
+    passes=tuple(_digit_pass(d) for d in (3, 2, 1, 0)),
+    merge=lambda call, span, stats: _ties(_mergekit_options(call, random=False), call.base, call.models,
+                                          backend=call.backend, thresholds=stats[0]))
+DARE_TIES_BLOCKS = RowBlocks(
+    merge=lambda call, span, stats: _ties(_mergekit_options(call, random=True), call.base, call.models,
+                                          backend=call.backend, first=span.first),
+    align=lambda shape, call: GROUP)
 
 
 MERGEKIT_TIES = ConfigMethod(
@@ -147,15 +210,17 @@ MERGEKIT_TIES = ConfigMethod(
     model_params={"weight": Param("number", 1.0, doc="wᵢ, before the vote"),
                   "density": Param("fraction", 1.0, doc="kept fraction of |τᵢ| per tensor, per model")},
     global_params={**GTA_PARAMS, "normalize": Param("bool", True, doc="divide by the agreeing Σ wᵢ")},
-    merge=lambda call: _mergekit_ties(call, MERGEKIT_TIES, random=False),
-    doc="θ0 + λ·Σ wᵢ·τ̂ᵢ·agreeᵢ / Σ wᵢ·agreeᵢ, per-tensor top-density trim, weighted vote, ties to +")
+    merge=lambda call: _ties(_mergekit_options(call, random=False), call.base, call.models, backend=call.backend),
+    doc="θ0 + λ·Σ wᵢ·τ̂ᵢ·agreeᵢ / Σ wᵢ·agreeᵢ, per-tensor top-density trim, weighted vote, ties to +",
+    blocks=TIES_BLOCKS)
 
 MERGEKIT_DARE_TIES = ConfigMethod(
     "dare_ties", "mergekit", needs_base=True, model_params=DARE_MODEL_PARAMS,
     global_params={**GTA_PARAMS, "rescale": Param("bool", True, doc="kept deltas × 1/density")},
-    merge=lambda call: _mergekit_ties(call, MERGEKIT_DARE_TIES, random=True),
+    merge=lambda call: _ties(_mergekit_options(call, random=True), call.base, call.models, backend=call.backend),
     check=lambda models: one_density([m.get("density") for m in models], "dare_ties"),
-    doc="TIES with DARE's random keep instead of the trim, rescaled by 1/density")
+    doc="TIES with DARE's random keep instead of the trim, rescaled by 1/density",
+    blocks=DARE_TIES_BLOCKS)
 
 
 def fusionbench_options(threshold: float, merge_func: str) -> Dict[str, Any]:
