@@ -115,7 +115,7 @@ def test_merge_end_to_end(benchmark, method, impl):
     shutil.rmtree(out, ignore_errors=True)
     warm_page_cache()
     results = []
-    benchmark.group = f"e2e {method} ~0.95B bf16 base+{MODELS}"
+    benchmark.group = f"e2e {method} ~0.95B bf16 base+{1 if method == 'slerp' else MODELS}"
     benchmark.pedantic(lambda: results.append(measure(COMMANDS[impl](cfg, out))), rounds=1, iterations=1)
     benchmark.extra_info.update(op=f"merge_{impl}", method=method, wall_s=round(results[0]["wall"], 2),
                                 peak_rss_mb=round(results[0]["peak_rss"] / 2**20), per="e2e")
