@@ -355,3 +355,13 @@ def test_a_base_model_is_the_optional_base_or_one_more_model_as_in_mergekit(ckpt
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert any(not torch.equal(got[k], without[k]) for k in want)
+
+
+def test_karchers_base_model_keeps_the_tokenizer_and_must_be_a_slice_source(ckpts, tmp_path):
+    text = "merge_method: karcher\nbase_model: @base\nmodels:\n  - model: @m0\n  - model: @m1\ntokenizer_source: base\n"
+    cfg = merge_config.load(str(_write(tmp_path / "a.yml", text, ckpts)))
+    assert cfg.base is None and [s.path for s in cfg.slices[0].models] == [str(ckpts / n) for n in ("base", "m0", "m1")]
+    sliced = ("merge_method: karcher\nbase_model: @base\nslices:\n  - sources:\n      - model: @m0\n"
+              "        layer_range: [0, 4]\n      - model: @m1\n        layer_range: [0, 4]\n")
+    with pytest.raises(merge_config.ConfigError, match=r"slices\[0\].*one more input of karcher"):
+        merge_config.load(str(_write(tmp_path / "b.yml", sliced, ckpts)))

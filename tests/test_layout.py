@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusedmerge
 from conftest import STATUS
 from fusedmerge.dispatch import _table
 from fusedmerge.reference import CombineJob
@@ -226,7 +227,7 @@ def test_triton_kernels_compile_for_a_gpu(tmp_path):
     every kernel for sm_90 to PTX and cubin, which needs no GPU, in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(fusedmerge.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401

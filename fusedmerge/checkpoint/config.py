@@ -114,11 +114,6 @@ class MergeConfig:
     def spec(self) -> ConfigMethod:
         return CONFIG_METHODS[self.method]
 
-    @property
-    def models(self) -> List[Source]:
-        """The non-base models of a `models:` configuration (in order)."""
-        return self.slices[0].models
-
     def paths(self) -> List[str]:
         """The model directories the configuration reads, the base first: each listed model of `models:`
         (OPCM and linear may list one twice), each model of `slices:` once."""
@@ -293,6 +288,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     base = _path(base, "base_model", root) if base is not None else None
     layered = "slices" in data
     slices = _slices(data["slices"], spec, base, root) if layered else [_models(data["models"], spec, base, root)]
+    tokenizer_base = base
     if spec.base_use == "input":
         base = None  # one of the models now (mergekit's IGNORED base)
     for s in slices:
@@ -308,7 +304,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         if bad:
             raise ConfigError(f"{bad[0]}: {method} merges whole models one after another; it takes models: with "
                               "scalar parameters only (no slices, gradients or filters)")
-    cfg.tokenizer_source = _tokenizer(data, base)
+    cfg.tokenizer_source = _tokenizer(data, tokenizer_base)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -361,6 +357,9 @@ def _slices(raw, spec: ConfigMethod, base: Optional[str], root: str) -> List[Sli
             raise ConfigError(f"{where}.base_model: {spec.name} takes no base_model")
         slice_base = _path(slice_base, f"{where}.base_model", root) if slice_base is not None else base
         params = _settings(item.get("parameters"), spec, f"{where}.parameters", True)
+        if slice_base is not None and spec.base_use == "input" and slice_base not in [s.path for s in sources]:
+            raise ConfigError(f"{where}: the base model {slice_base} is one more input of {spec.name}; list it among "
+                              "the slice's sources with its layer_range")
         if spec.needs_base or (slice_base is not None and spec.base_use == "optional"):
             found = [s for s in sources if s.path == slice_base]
             if len(found) != 1:

@@ -77,6 +77,8 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: each element's Philox uniform (csrc/cpu/rank_cpu.cpp), OpenMP over groups."""
     for job in jobs:
         _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr())
+
+
 def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
     """reductions.dots_reference's sums: one OpenMP launch per accumulation dtype writes each chunk's tree sums."""
 

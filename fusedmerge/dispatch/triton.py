@@ -99,6 +99,8 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: both Philox streams of each element (triton_kernels/rank.py)."""
     for job in jobs:
         rank_kernels.launch_uniforms(job.key, job.out)
+
+
 def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
     """reductions.dots_reference's sums: one launch per input count and dtypes writes each chunk's tree sums."""
     device = jobs[0].device

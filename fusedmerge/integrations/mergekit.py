@@ -1,9 +1,9 @@
 """fusedmerge as mergekit's backend: ``install()`` registers a fused implementation of every mergekit method
 that fusedmerge carries out (``fusedmerge.methods.CONFIG_METHODS`` with ``peer="mergekit"``: linear,
-task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock, passthrough, della(_linear), breadcrumbs(_ties),
-sce, nearswap, arcee_fusion) — replacing the built-ins (default) or beside them under ``prefix + name`` — so
-that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml`` (run in the same process, e.g.
-``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
+task_arithmetic, ties, dare_linear, dare_ties, slerp, nuslerp, multislerp, karcher, model_stock, passthrough,
+della(_linear), breadcrumbs(_ties), sce, nearswap, arcee_fusion) — replacing the built-ins (default) or
+beside them under ``prefix + name`` — so that ``merge_state_dicts``, ``merge_tensors`` and ``mergekit-yaml``
+(run in the same process, e.g. ``python -m fusedmerge.integrations.mergekit CONFIG OUT``) use the kernels.
 
 Each method's translation of mergekit's parameters is the one its module declares (the same as
 ``fusedmerge merge``'s): weights multiply the deltas before the sign vote, votes tied at zero go to +,

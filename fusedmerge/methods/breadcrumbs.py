@@ -115,7 +115,7 @@ def breadcrumbs(base, inputs, *, weights: Optional[Sequence[float]] = None,
 
 
 def breadcrumbs_reference(base, inputs, **options):
-    """The definition: breadcrumbs on the references of its primitives (select, ties, combine)."""
+    """The definition: breadcrumbs on the references of its primitives (select, ties, combine, l1_buckets)."""
     return breadcrumbs(base, inputs, **{**options, "backend": "torch"})
 
 
@@ -147,7 +147,7 @@ MERGEKIT_BREADCRUMBS = _breadcrumbs_config("breadcrumbs", False, "θ0 + λ·Σ w
 MERGEKIT_BREADCRUMBS_TIES = _breadcrumbs_config("breadcrumbs_ties", True, "breadcrumbs band, then TIES's sign vote")
 
 BREADCRUMBS = Method(
-    "breadcrumbs", breadcrumbs, BreadcrumbsOptions, breadcrumbs_reference, ("select", "ties", "combine"),
+    "breadcrumbs", breadcrumbs, BreadcrumbsOptions, breadcrumbs_reference, ("select", "ties", "combine", "l1_buckets"),
     config=(MERGEKIT_BREADCRUMBS, MERGEKIT_BREADCRUMBS_TIES),
     grid=({"density": 0.3, "gamma": 0.05, "consensus": True, "normalize": True},
           {"density": 0.9, "gamma": 0.2, "weights": [1.0, -0.5, 2.0], "rescale": True, "scaling": 0.6}))

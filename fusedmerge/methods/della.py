@@ -164,7 +164,7 @@ def della(base, inputs, *, weights: Optional[Sequence[float]] = None,
 
 
 def della_reference(base, inputs, **options):
-    """The definition: della on the references of its primitives (row_rank, ties, combine)."""
+    """The definition: della on the references of its primitives (row_rank, uniforms, ties, combine, l1_buckets)."""
     return della(base, inputs, **{**options, "backend": "torch"})
 
 
@@ -199,7 +199,7 @@ MERGEKIT_DELLA = _della_config("della", True, True, "magnitude-ranked drop per r
 MERGEKIT_DELLA_LINEAR = _della_config("della_linear", False, False, "magnitude-ranked drop per row, L1 rescale, sum")
 
 DELLA = Method(
-    "della", della, DellaOptions, della_reference, ("row_rank", "uniforms", "ties", "combine"),
+    "della", della, DellaOptions, della_reference, ("row_rank", "uniforms", "ties", "combine", "l1_buckets"),
     config=(MERGEKIT_DELLA, MERGEKIT_DELLA_LINEAR),
     grid=({"density": 0.5, "epsilon": 0.2, "seed": 1}, {"density": 0.3, "epsilon": 0.1, "consensus": False},
           {"density": 0.6, "weights": [1.0, 0.5, 2.0], "normalize": False, "rescale": False, "scaling": 0.7}))
