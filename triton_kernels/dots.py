@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import table as tb
+from .combine import _to_acc
 from .table import _BASE_PTR, _HEADER_WIDTH, _IN_PTR, _INPUT_STRIDE, BF16, F16, F32
 
 CHUNK = 1024  # elements per program on a GPU (R·CHUNK for short rows)
@@ -36,11 +37,7 @@ def _load(addr, offs, mask, DT: tl.constexpr, ACC_F64: tl.constexpr):
         x = tl.load(addr.to(tl.pointer_type(tl.float32))[:, None] + offs, mask=mask, other=0)
     else:  # F64
         x = tl.load(addr.to(tl.pointer_type(tl.float64))[:, None] + offs, mask=mask, other=0)
-    if ACC_F64:
-        y = x.to(tl.float64)
-    else:
-        y = x.to(tl.float32)
-    return y
+    return _to_acc(x, ACC_F64)
 
 
 @triton.jit
