@@ -189,3 +189,26 @@ def test_a_blocked_slice_reads_its_renumbered_sources(small_llama_ckpts, tmp_pat
     assert names == _files(outs[1])
     match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
     assert not mismatch and not errors
+
+
+def test_blocks_fit_the_budget_with_an_output_wider_than_the_inputs(small_llama_ckpts, tmp_path, monkeypatch):
+    """bf16 models merged into fp32 (dtype: float32): every block's inputs, fp32 output and fp32 working copies
+    fit in half the budget (the output counted at its own 4 bytes, not the inputs' 2), and the blocked files
+    equal the whole merge's."""
+    cfg = tmp_path / "wide.yml"
+    cfg.write_text(open(_config(small_llama_ckpts, "linear")).read() + "dtype: float32\n")
+    seen = []
+
+    def counted(key, blocks, srcs, shape, out_dtype, limit, *args):
+        for block in merge_tensor(key, blocks, srcs, shape, out_dtype, limit, *args):
+            seen.append((block.numel() * (2 * len(srcs) + 4 + 4 * len(srcs)), limit, block.dtype))
+            yield block
+
+    monkeypatch.setattr(merge, "merge_tensor", counted)
+    outs = [tmp_path / budget for budget in ("1GB", "32KB")]
+    for out in outs:
+        assert cli.main(["merge", str(cfg), str(out), "--quiet", "--memory-budget", out.name]) == 0
+    assert len(seen) >= 6 and all(dtype == torch.float32 and held <= limit for held, limit, dtype in seen)
+    names = _files(outs[0])
+    match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
+    assert not mismatch and not errors

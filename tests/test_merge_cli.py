@@ -252,6 +252,26 @@ def test_mismatched_architectures_are_listed(ckpts, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["karcher", "task_arithmetic"])
+def test_a_mismatched_model_is_named_as_the_configuration_lists_it(ckpts, tmp_path, capsys, method):
+    """The second listed model (models[1]) lacks a tensor: the error names models[1], also for karcher, whose
+    base_model is one more input ahead of the listed models."""
+    bad = _copy(ckpts, tmp_path, "m1")
+    sd = load(bad)
+    sd.pop("model.norm.weight")
+    for f in os.listdir(bad):
+        if f.endswith(".safetensors") or f.endswith(".json"):
+            os.remove(bad / f)
+    write_file(str(bad / "model.safetensors"), sd)
+    path = tmp_path / "bad.yml"
+    path.write_text(open(config(ckpts, method, weights=(None, None) if method == "karcher" else (1.0, 0.5)))
+                    .read().replace(str(ckpts / "m1"), str(bad)))
+    assert merge(str(path), tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"models[1] ({bad})" in err and "models[0]" not in err and "models[2]" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_shard_and_escaping_shard_names_are_refused(ckpts, tmp_path, capsys):
     bad = _copy(ckpts, tmp_path, "m0")
     shard = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[-1]

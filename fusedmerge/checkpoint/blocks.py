@@ -16,6 +16,7 @@ import torch
 
 from ..methods._spec import GroupCall, RowBlocks, Span
 from .model_dir import ModelDir
+from .safetensors import element_size
 
 
 def spans(shape: Sequence[int], per_element: int, limit: int, align: int) -> List[Span]:
@@ -27,14 +28,21 @@ def spans(shape: Sequence[int], per_element: int, limit: int, align: int) -> Lis
     return [Span(tuple(shape), first, min(step, total - first)) for first in range(0, total, step)]
 
 
+def block_bytes(in_sizes: Sequence[int], out_size: int) -> int:
+    """Bytes a block holds per element: the inputs', the output's (its own dtype, which may be wider than the
+    inputs'), and an fp32 working copy of each input."""
+    return sum(in_sizes) + out_size + 4 * len(in_sizes)
+
+
 def merge_tensor(key: str, blocks: RowBlocks, sources: Sequence[Tuple[ModelDir, str]], shape: Sequence[int],
-                 limit: int, device: torch.device, make_call: Callable[[List[torch.Tensor]], GroupCall],
+                 out_dtype: torch.dtype, limit: int, device: torch.device,
+                 make_call: Callable[[List[torch.Tensor]], GroupCall],
                  whole_merge: Callable[[GroupCall], dict]) -> Iterator[torch.Tensor]:
-    """The merged tensor `key`, block after block (CPU tensors of its flattened elements). sources: its
-    source tensors as (model directory, tensor name), the base's first; make_call(tensors) builds the
-    GroupCall of one block of each source (Plan.block_call); whole_merge is ConfigMethod.merge."""
+    """The merged tensor `key` of `out_dtype`, block after block (CPU tensors of its flattened elements).
+    sources: its source tensors as (model directory, tensor name), the base's first; make_call(tensors)
+    builds the GroupCall of one block of each source (Plan.block_call); whole_merge is ConfigMethod.merge."""
     sizes = [d.nbytes(name) // max(math.prod(shape), 1) for d, name in sources]
-    per_element = sum(sizes) + max(sizes) + 4 * len(sources)  # inputs, output, fp32 working copies
+    per_element = block_bytes(sizes, element_size(out_dtype))
     parts = spans(shape, per_element, limit, blocks.align(tuple(shape), make_call([])))
 
     def call_of(span: Span) -> GroupCall:

@@ -223,9 +223,9 @@ def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, di
     """Check the architectures, plan the output tensors and the shards, merge this rank's; returns (reference
     model, shard plan, output layer count or None)."""
     reference = dirs[0]
-    if not cfg.layered:
-        models = dirs[1:] if cfg.base else dirs
-        _check_architectures(reference, [(f"models[{i}]", m) for i, m in enumerate(models) if m is not reference])
+    if not cfg.layered:  # each model named as the configuration does (karcher's base_model is one more input)
+        _check_architectures(reference, [(src.where, m) for src, m in zip(cfg.slices[0].sources, dirs)
+                                         if m is not reference])
     if cfg.tokenizer_source == "base":
         check_same_vocabulary(dirs)
     targets = Plan(cfg, dirs)
@@ -264,8 +264,9 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
                     k = group[0]
                     sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
                     call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
-                    writer.write_blocks(k, merge_tensor(k, blocks, sources, plan.entries[k][1], limit, opts.device,
-                                                        call, targets.cfg.spec.merge), plan.entries[k][1])
+                    dtype, shape = plan.entries[k]
+                    writer.write_blocks(k, merge_tensor(k, blocks, sources, shape, dtype, limit, opts.device, call,
+                                                        targets.cfg.spec.merge), shape)
                     progress.update(1, plan.nbytes(k))
                     continue
                 merged = {}
