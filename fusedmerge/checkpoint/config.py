@@ -9,7 +9,7 @@
       - sources: [{model: PATH, layer_range: [0, 16], parameters: {...}}, ...]
         parameters: {...}
     parameters: {lambda: 1.0, normalize: ..., rescale: true, int8_mask: ..., alpha: 0.5, variant: fusionbench}
-    dtype: bfloat16                      (output dtype; mergekit's out_dtype wins when given)
+    dtype: bfloat16                      (output dtype, but see ConfigMethod.result_dtype; out_dtype wins)
     tokenizer_source: base               (the base's tokenizer files; other tokenizer keys are refused)
     seed: 0                              (fusedmerge: DARE masks are keyed by seed and tensor name)
     fusedmerge: {shard_size: 2GB}        (fusedmerge's own options)
@@ -103,7 +103,8 @@ class MergeConfig:
     slices: List[Slice]
     base: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)
-    out_dtype: Optional[torch.dtype] = None
+    out_dtype: Optional[torch.dtype] = None  # out_dtype:, else dtype: (config.json's torch_dtype, as mergekit's)
+    cast: bool = False  # out_dtype: given: every floating tensor is cast to it (mergekit's SaveTensor)
     seed: int = 0
     shard_size: int = 2 << 30
     text: str = ""
@@ -123,6 +124,14 @@ class MergeConfig:
         for s in self.slices:
             out += [src.path for src in s.sources if src.path not in out]
         return out
+
+    def result_dtype(self, inputs: torch.dtype) -> torch.dtype:
+        """A floating output tensor's dtype for inputs of (promoted) dtype `inputs`: mergekit's `out_dtype:`
+        when given, else the method's result for inputs of `dtype:` (mergekit casts the inputs to it) or of
+        their own dtype (arcee_fusion: fp32 for 16-bit inputs; every other method: that dtype)."""
+        if self.cast:
+            return self.out_dtype
+        return self.spec.result_dtype(self.out_dtype or inputs)
 
     def param(self, key: str):
         """A global parameter, or the method's default for it (whole-model methods take scalars only)."""
@@ -309,7 +318,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     if dtype is not None:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ConfigError(f"dtype {show(dtype)} is not supported; choose one of {sorted(DTYPES)}")
-        cfg.out_dtype = DTYPES[dtype]
+        cfg.out_dtype, cfg.cast = DTYPES[dtype], "out_dtype" in data
     cfg.seed = check_seed(data.get("seed", 0))
     own = _mapping(data.get("fusedmerge"), "fusedmerge")
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")

@@ -145,12 +145,12 @@ class Plan:
                     raise ConfigError(f"{e} (for {t.name})") from None
 
     def dtype(self, name: str) -> torch.dtype:
-        """The output dtype: the configuration's for floating tensors, else the sources' promoted dtype."""
+        """The output dtype: MergeConfig.result_dtype of the sources' promoted dtype for floating tensors, else that."""
         entries = [self.dirs[i].entry(n)[0] for i, n in self.by_name[name].sources]
         dtype = entries[0]
         for d in entries[1:]:
             dtype = torch.promote_types(dtype, d) if dtype.is_floating_point else dtype
-        return self.cfg.out_dtype if (self.cfg.out_dtype is not None and dtype.is_floating_point) else dtype
+        return self.cfg.result_dtype(dtype) if dtype.is_floating_point else dtype
 
     def shape(self, name: str) -> Tuple[int, ...]:
         i, n = self.by_name[name].sources[0]
@@ -190,10 +190,12 @@ class Plan:
     def _call(self, t: Target, sds: List[Dict[str, torch.Tensor]], backend: str) -> GroupCall:
         """A GroupCall with `t`'s parameters on state dicts `sds` (one per source, the base's first)."""
         has_base = t.has_base and bool(sds)
+        cfg = self.cfg
+        out_dtype = cfg.result_dtype(cfg.out_dtype) if cfg.out_dtype is not None else None
         given = [dict(m) for m in t.per_model]
         return GroupCall(sds[0] if has_base else None, sds[1:] if has_base else sds,
                          [m.get("weight", 1.0) for m in given], [m.get("density") for m in given],
-                         dict(t.shared), self.cfg.seed, self.cfg.out_dtype, backend, per_model=tuple(given))
+                         dict(t.shared), self.cfg.seed, out_dtype, backend, per_model=tuple(given))
 
 
 def updated_config(config: Mapping[str, Any], cfg: MergeConfig, layers: Optional[int]) -> Dict[str, Any]:

@@ -146,7 +146,8 @@ class ConfigMethod:
     tensor is merged in row blocks (RowBlocks); None: a tensor is always merged whole. `base_use`, for a
     method that does not need a base: None refuses a `base_model`; "optional" merges with it when one is
     given (mergekit's OPTIONAL base: nuslerp, multislerp); "input" takes it as one more model (mergekit's
-    IGNORED base: karcher)."""
+    IGNORED base: karcher). `result_dtype(dtype)`: the dtype of the method's result for inputs of `dtype`
+    where it is not `dtype` (arcee_fusion: fp32 for 16-bit models); the output's unless `out_dtype:` is given."""
 
     name: str
     peer: Optional[str]
@@ -160,6 +161,7 @@ class ConfigMethod:
     doc: str = ""
     blocks: Optional[RowBlocks] = None
     base_use: Optional[str] = None
+    result_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ MERGEKIT_ARCEE_FUSION = ConfigMethod(
     "arcee_fusion", "mergekit", needs_base=True, model_params={}, global_params={},
     merge=lambda call: arcee_fusion(call.base, call.models, seed=call.seed, name=call.name,
                                     out_dtype=call.out_dtype, backend=call.backend),
-    doc="θ0 + (x−θ0)·[|x−θ0|·KL_row ≥ q50 + 1.5·IQR]")
+    doc="θ0 + (x−θ0)·[|x−θ0|·KL_row ≥ q50 + 1.5·IQR]",
+    result_dtype=lambda dtype: torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
 
 ARCEE_FUSION = Method("arcee_fusion", arcee_fusion, ArceeFusionOptions, arcee_fusion_reference, ("select",),
                       n_inputs=1, config=(MERGEKIT_ARCEE_FUSION,), grid=({}, {"seed": 3, "out_dtype": torch.float64}))
