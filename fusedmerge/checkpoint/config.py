@@ -105,6 +105,7 @@ class MergeConfig:
     params: Dict[str, Any] = field(default_factory=dict)
     out_dtype: Optional[torch.dtype] = None  # out_dtype:, else dtype: (config.json's torch_dtype, as mergekit's)
     cast: bool = False  # out_dtype: given: every floating tensor is cast to it (mergekit's SaveTensor)
+    in_dtype: Optional[torch.dtype] = None  # dtype: (mergekit loads the inputs in it)
     seed: int = 0
     shard_size: int = 2 << 30
     text: str = ""
@@ -131,7 +132,14 @@ class MergeConfig:
         their own dtype (arcee_fusion: fp32 for 16-bit inputs; every other method: that dtype)."""
         if self.cast:
             return self.out_dtype
-        return self.spec.result_dtype(self.out_dtype or inputs)
+        return self.spec.result_dtype(self.in_dtype or inputs)
+
+    def input_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype an input tensor stored as `stored` is merged from: `dtype:` where it cannot hold the stored
+        values (fp32 models merged as bfloat16 are rounded to bf16 first, as mergekit loads them), else the
+        stored one (a wider `dtype:` changes no value; the kernels accumulate in fp32 or fp64 anyway)."""
+        narrower = self.in_dtype is not None and torch.promote_types(stored, self.in_dtype) != self.in_dtype
+        return self.in_dtype if narrower and stored.is_floating_point else stored
 
     def param(self, key: str):
         """A global parameter, or the method's default for it (whole-model methods take scalars only)."""
@@ -314,11 +322,13 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
             raise ConfigError(f"{bad[0]}: {method} merges whole models one after another; it takes models: with "
                               "scalar parameters only (no slices, gradients or filters)")
     cfg.tokenizer_source = _tokenizer(data, tokenizer_base)
-    dtype = data.get("out_dtype", data.get("dtype"))
-    if dtype is not None:
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ConfigError(f"dtype {show(dtype)} is not supported; choose one of {sorted(DTYPES)}")
-        cfg.out_dtype, cfg.cast = DTYPES[dtype], "out_dtype" in data
+    for key in ("dtype", "out_dtype"):
+        dtype = data.get(key)
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+            raise ConfigError(f"{key} {show(dtype)} is not supported; choose one of {sorted(DTYPES)}")
+    cfg.in_dtype = DTYPES.get(data.get("dtype"))
+    cfg.out_dtype = DTYPES.get(data.get("out_dtype")) or cfg.in_dtype
+    cfg.cast = data.get("out_dtype") is not None
     cfg.seed = check_seed(data.get("seed", 0))
     own = _mapping(data.get("fusedmerge"), "fusedmerge")
     _unknown(own, FUSEDMERGE_KEYS, "fusedmerge")

@@ -191,7 +191,8 @@ class Plan:
         """A GroupCall with `t`'s parameters on state dicts `sds` (one per source, the base's first)."""
         has_base = t.has_base and bool(sds)
         cfg = self.cfg
-        out_dtype = cfg.result_dtype(cfg.out_dtype) if cfg.out_dtype is not None else None
+        out_dtype = cfg.result_dtype(cfg.in_dtype) if cfg.out_dtype is not None else None
+        sds = [{k: x.to(cfg.input_dtype(x.dtype)) for k, x in sd.items()} for sd in sds]
         given = [dict(m) for m in t.per_model]
         return GroupCall(sds[0] if has_base else None, sds[1:] if has_base else sds,
                          [m.get("weight", 1.0) for m in given], [m.get("density") for m in given],
