@@ -30,9 +30,13 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "model_stock_rows": ("model_stock", 3, "filter_wise: true", ""),
     "nearswap": ("nearswap", 1, "t: 0.01", ""),
     "passthrough": ("passthrough", 1, "", "scale: 0.7"),
+    "nuslerp": ("nuslerp", 2, "", "weight: 0.7"),
+    "nuslerp_rows": ("nuslerp", 2, "nuslerp_flatten: false", "weight: 0.7"),
+    "multislerp": ("multislerp", 3, "", "weight: 0.7"),
+    "karcher": ("karcher", 3, "", ""),
 }
-WHOLE = {"della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "arcee_fusion", "nuslerp", "multislerp",
-         "karcher", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
+WHOLE = {"della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "arcee_fusion", "tsv_m", "iso_c", "iso_cts",
+         "magmax", "wudi"}  # merged whole (blocks=None)
 
 
 def test_every_method_is_blocked_or_declared_whole():
@@ -209,6 +213,30 @@ def test_blocks_fit_the_budget_with_an_output_wider_than_the_inputs(small_llama_
     for out in outs:
         assert cli.main(["merge", str(cfg), str(out), "--quiet", "--memory-budget", out.name]) == 0
     assert len(seen) >= 6 and all(dtype == torch.float32 and held <= limit for held, limit, dtype in seen)
+    names = _files(outs[0])
+    match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_nuslerp_by_columns_merges_a_large_tensor_as_one_block(small_llama_ckpts, tmp_path, monkeypatch):
+    """nuslerp's vectors along dim 0 (nuslerp_row_wise) span every row block: a tensor over the budget is one
+    block (merged whole, as before), with the whole merge's files."""
+    cfg = str(tmp_path / "columns.yml")
+    with open(cfg, "w") as f:
+        f.write(open(_config(small_llama_ckpts, "nuslerp_rows")).read().replace("false", "false, nuslerp_row_wise: true"))
+    blocked = []
+
+    def counted(key, *args):
+        for block in merge_tensor(key, *args):
+            blocked.append((key, block.numel()))
+            yield block
+
+    monkeypatch.setattr(merge, "merge_tensor", counted)
+    outs = [tmp_path / budget for budget in ("1GB", "16KB")]
+    for out in outs:
+        assert cli.main(["merge", cfg, str(out), "--quiet", "--memory-budget", out.name]) == 0
+    keys = [k for k, _ in blocked]
+    assert len(keys) >= 6 and len(set(keys)) == len(keys) and all(n == 64 * 32 for _, n in blocked)
     names = _files(outs[0])
     match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
     assert not mismatch and not errors

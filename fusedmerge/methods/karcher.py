@@ -29,7 +29,7 @@ from .. import options as opt
 from .. import reference
 from .._forms import gather, prepare
 from ..reductions import DotsJob, DotsSpec, gram_matrix, gram_pairs
-from ._reduce import combine_rows, group_sums, run_combine
+from ._reduce import combine_rows, group_sums, reduce_blocks, run_combine
 from ._spec import ConfigMethod, GroupCall, Method, Param
 
 
@@ -90,14 +90,19 @@ def karcher(inputs, *, max_iter: int = 10, tol: float = 1e-5, name: str = "tenso
             out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
     """Karcher mean of `inputs` (tensors, state dicts or modules, the forms of `average`) on the unit
     sphere, rescaled to their mean norm; see the module docstring."""
-    o = KarcherOptions(max_iter, tol, name, out_dtype)
+    return _karcher(inputs, KarcherOptions(max_iter, tol, name, out_dtype), backend)
+
+
+def _karcher(inputs, o: KarcherOptions, backend: str, sums: Optional[torch.Tensor] = None):
+    """karcher; `sums`: the Gram sums of every tensor when already known (a row block's: the whole tensor's)."""
     forms = gather(inputs, name=o.name)
     n = len(forms.dicts)
     merged, slots = prepare(forms, None, o.out_dtype)
     if n == 1:
         c = torch.ones((len(slots), 1), dtype=torch.float64)
     else:
-        sums = group_sums([DotsJob(s.inputs) for s in slots], DotsSpec(gram_pairs(n)), backend)
+        if sums is None:
+            sums = group_sums([DotsJob(s.inputs) for s in slots], DotsSpec(gram_pairs(n)), backend)
         c = coefficients(gram_matrix(sums, n), o.max_iter, o.tol)
     run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, None, cs, "inputs")],
                 backend)
@@ -107,18 +112,26 @@ def karcher(inputs, *, max_iter: int = 10, tol: float = 1e-5, name: str = "tenso
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_karcher(call: GroupCall):
+def _mergekit_karcher(call: GroupCall, sums: Optional[torch.Tensor] = None):
     models = ([call.base] if call.base is not None else []) + list(call.models)
-    return karcher(models, max_iter=int(call.param("max_iter", MERGEKIT_KARCHER)),
-                   tol=call.param("tol", MERGEKIT_KARCHER), name=call.name, out_dtype=call.out_dtype,
-                   backend=call.backend)
+    o = KarcherOptions(int(call.param("max_iter", MERGEKIT_KARCHER)), call.param("tol", MERGEKIT_KARCHER), call.name,
+                       call.out_dtype)
+    return _karcher(models, o, call.backend, sums)
+
+
+def _operands(call: GroupCall):
+    """(every input's tensor, no base: a base_model is one more input) of a row block (RowBlocks)."""
+    name, base, inputs = call.block()
+    return ([base] if base is not None else []) + inputs, None
 
 
 MERGEKIT_KARCHER = ConfigMethod(
     "karcher", "mergekit", needs_base=False, model_params={},
     global_params={"max_iter": Param("number", 10, doc="iterations at most"),
                    "tol": Param("number", 1e-5, doc="convergence and zero-norm tolerance")},
-    merge=_mergekit_karcher, doc="Riemannian mean on the unit sphere, rescaled to the mean norm, per tensor", base_use="input")
+    merge=_mergekit_karcher,
+    blocks=reduce_blocks(lambda n: DotsSpec(gram_pairs(n)), _operands, lambda call: False, _mergekit_karcher),
+    doc="Riemannian mean on the unit sphere, rescaled to the mean norm, per tensor", base_use="input")
 
 KARCHER = Method(
     "karcher", karcher, KarcherOptions, reference.combine, ("dots", "combine"), takes_base=False,

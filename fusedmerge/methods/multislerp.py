@@ -25,7 +25,7 @@ from .. import options as opt
 from .. import reference
 from .._forms import gather, gather_like, prepare
 from ..reductions import DotsJob, DotsSpec, gram_matrix, gram_pairs
-from ._reduce import combine_rows, group_sums, run_combine
+from ._reduce import combine_rows, group_sums, reduce_blocks, run_combine
 from ._spec import REQUIRED, ConfigMethod, GroupCall, Method, Param
 
 
@@ -63,7 +63,12 @@ def multislerp(base, inputs, weights: Optional[Sequence[float]] = None, *, norma
                backend: str = "auto"):
     """Multi-SLERP of `inputs` (tensors, state dicts or modules), of their task vectors when `base` is given
     (None: of the models themselves); weights default to 1 each. See the module docstring."""
-    o = MultislerpOptions(weights, normalize_weights, eps, name, out_dtype)
+    return _multislerp(base, inputs, MultislerpOptions(weights, normalize_weights, eps, name, out_dtype), backend)
+
+
+def _multislerp(base, inputs, o: MultislerpOptions, backend: str, sums: Optional[torch.Tensor] = None):
+    """multislerp; `sums`: the Gram sums of every tensor when already known (a row block's: the whole
+    tensor's)."""
     forms = gather(inputs, name=o.name)
     n = len(forms.dicts)
     w = torch.tensor(opt.count_weights(o.weights, n, normalise=False), dtype=torch.float64)
@@ -75,7 +80,8 @@ def multislerp(base, inputs, weights: Optional[Sequence[float]] = None, *, norma
         run_combine([j for s in slots for j in combine_rows(s.out, s.inputs, None, torch.ones((1, 1)), "weights")],
                     backend)
         return forms.wrap(merged)
-    sums = group_sums([DotsJob(s.inputs, s.base) for s in slots], DotsSpec(gram_pairs(n)), backend)
+    if sums is None:
+        sums = group_sums([DotsJob(s.inputs, s.base) for s in slots], DotsSpec(gram_pairs(n)), backend)
     c = coefficients(gram_matrix(sums, n), w, o.eps, [s.key for s in slots])
     run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, s.base, cs, "weights")],
                 backend)
@@ -85,11 +91,16 @@ def multislerp(base, inputs, weights: Optional[Sequence[float]] = None, *, norma
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_multislerp(call: GroupCall):
-    return multislerp(call.base, call.models, call.weights,
-                      normalize_weights=call.param("normalize_weights", MERGEKIT_MULTISLERP),
-                      eps=call.param("eps", MERGEKIT_MULTISLERP), name=call.name, out_dtype=call.out_dtype,
-                      backend=call.backend)
+def _mergekit_multislerp(call: GroupCall, sums: Optional[torch.Tensor] = None):
+    o = MultislerpOptions(call.weights, call.param("normalize_weights", MERGEKIT_MULTISLERP),
+                          call.param("eps", MERGEKIT_MULTISLERP), call.name, call.out_dtype)
+    return _multislerp(call.base, call.models, o, call.backend, sums)
+
+
+def _operands(call: GroupCall):
+    """(the models' tensors, the base's or None) of a row block (RowBlocks)."""
+    name, base, inputs = call.block()
+    return inputs, base
 
 
 MERGEKIT_MULTISLERP = ConfigMethod(
@@ -97,6 +108,7 @@ MERGEKIT_MULTISLERP = ConfigMethod(
     global_params={"normalize_weights": Param("bool", True, doc="w ← w/Σw"),
                    "eps": Param("number", 1e-8, doc="uᵢ = Xᵢ/(‖Xᵢ‖ + eps)")},
     merge=_mergekit_multislerp,
+    blocks=reduce_blocks(lambda n: DotsSpec(gram_pairs(n)), _operands, lambda call: False, _mergekit_multislerp),
     doc="weighted mean direction on the sphere, rescaled to the weighted mean norm, per tensor", base_use="optional")
 
 MULTISLERP = Method(

@@ -17,6 +17,8 @@ works on transposed contiguous copies of the two inputs and the base, then write
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,8 +28,8 @@ from .. import options as opt
 from .. import reference
 from .._forms import Slot, gather, gather_like, prepare
 from ..reductions import DotsJob, DotsSpec
-from ._reduce import combine_rows, group_sums, rows_of, run_combine
-from ._spec import REQUIRED, ConfigMethod, GroupCall, Method, Param
+from ._reduce import combine_rows, group_sums, reduce_blocks, rows_of, run_combine
+from ._spec import REQUIRED, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 
 SUMS = DotsSpec(((0, 0), (1, 1), (0, 1)))
 
@@ -76,7 +78,11 @@ def nuslerp(base, inputs, weights: Optional[Sequence[float]] = None, *, flatten:
     """NuSLERP of the two models of `inputs` (tensors, state dicts or modules, the forms of `average`), of
     their task vectors when `base` is given (None: of the models themselves); weights default to (1, 1),
     t = 0.5. See the module docstring."""
-    o = NuslerpOptions(weights, flatten, row_wise, eps, name, out_dtype)
+    return _nuslerp(base, inputs, NuslerpOptions(weights, flatten, row_wise, eps, name, out_dtype), backend)
+
+
+def _nuslerp(base, inputs, o: NuslerpOptions, backend: str, sums: Optional[torch.Tensor] = None):
+    """nuslerp; `sums`: the sums of every vector when already known (a row block's: the whole tensor's)."""
     forms = gather(inputs, name=o.name)
     if len(forms.dicts) != 2:
         raise ValueError(f"nuslerp interpolates exactly two models; inputs has {len(forms.dicts)}")
@@ -85,7 +91,8 @@ def nuslerp(base, inputs, weights: Optional[Sequence[float]] = None, *, flatten:
     columns = not o.flatten and o.row_wise
     work = [_columns(s) if columns and s.out.dim() >= 2 else s for s in slots]
     rows = [rows_of(s.out, not o.flatten) for s in work]
-    sums = group_sums([DotsJob(s.inputs, s.base, r) for s, r in zip(work, rows)], SUMS, backend)
+    if sums is None:
+        sums = group_sums([DotsJob(s.inputs, s.base, r) for s, r in zip(work, rows)], SUMS, backend)
     c = coefficients(sums, o.t, o.eps)
     run_combine([j for s, r, cs in zip(work, rows, torch.split(c, rows))
                  for j in combine_rows(s.out, s.inputs, s.base, cs, "weights")], backend)
@@ -98,12 +105,39 @@ def nuslerp(base, inputs, weights: Optional[Sequence[float]] = None, *, flatten:
 # --- peers --------------------------------------------------------------------------------------------------
 
 
-def _mergekit_nuslerp(call: GroupCall):
+def _mergekit_nuslerp(call: GroupCall, sums: Optional[torch.Tensor] = None):
     if len(call.models) != 2:
         raise ValueError(f"nuslerp needs exactly two models besides the base, got {len(call.models)}")
-    return nuslerp(call.base, call.models, call.weights, flatten=call.param("nuslerp_flatten", MERGEKIT_NUSLERP),
-                   row_wise=call.param("nuslerp_row_wise", MERGEKIT_NUSLERP), name=call.name,
-                   out_dtype=call.out_dtype, backend=call.backend)
+    o = NuslerpOptions(call.weights, call.param("nuslerp_flatten", MERGEKIT_NUSLERP),
+                       call.param("nuslerp_row_wise", MERGEKIT_NUSLERP), name=call.name, out_dtype=call.out_dtype)
+    return _nuslerp(call.base, call.models, o, call.backend, sums)
+
+
+def _operands(call: GroupCall):
+    """(the two models' tensors, the base's or None) of a row block (RowBlocks)."""
+    name, base, inputs = call.block()
+    return inputs, base
+
+
+def _columns_wise(call: GroupCall) -> bool:
+    return not call.param("nuslerp_flatten", MERGEKIT_NUSLERP) and call.param("nuslerp_row_wise", MERGEKIT_NUSLERP)
+
+
+def _blocks() -> RowBlocks:
+    """reduce_blocks' per tensor (flatten) or per row; vectors along dim 0 (columns) span every row block,
+    so such a tensor is one block, merged whole (its sums then come from the whole merge itself)."""
+    rows = reduce_blocks(lambda n: SUMS, _operands, lambda call: not call.param("nuslerp_flatten", MERGEKIT_NUSLERP),
+                         _mergekit_nuslerp)
+
+    def merge(call: GroupCall, span: Span, sums):
+        if not _columns_wise(call):
+            return rows.merge(call, span, sums)
+        shaped = lambda sd: None if sd is None else {k: t.reshape(span.shape) for k, t in sd.items()}  # noqa: E731
+        whole = dataclasses.replace(call, base=shaped(call.base), models=[shaped(m) for m in call.models])
+        return {k: t.reshape(-1) for k, t in _mergekit_nuslerp(whole).items()}
+
+    return RowBlocks(rows.passes, merge,
+                     lambda shape, call: math.prod(shape) if _columns_wise(call) else rows.align(shape, call))
 
 
 def _check_two(models) -> None:
@@ -115,7 +149,7 @@ MERGEKIT_NUSLERP = ConfigMethod(
     "nuslerp", "mergekit", needs_base=False, model_params={"weight": Param("number", REQUIRED, doc="t = w₁/(w₀+w₁)")},
     global_params={"nuslerp_flatten": Param("bool", True, doc="one vector per tensor"),
                    "nuslerp_row_wise": Param("bool", False, doc="vectors along dim 0 (columns) when not flattened")},
-    merge=_mergekit_nuslerp, check=_check_two,
+    merge=_mergekit_nuslerp, check=_check_two, blocks=_blocks(),
     doc="SLERP of two models (of their task vectors with a base_model), per tensor, row or column", base_use="optional")
 
 NUSLERP = Method(
