@@ -160,7 +160,8 @@ models:
   - {model: @32/m1}
   - {model: @32/m2}
 dtype: float32
-""", 4),
+out_dtype: bfloat16
+""", 1),
     "model_stock_rows_slices": ("""
 merge_method: model_stock
 base_model: @16/base
@@ -245,21 +246,27 @@ dtype: float32
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    """Every case merged by fusedmerge and by mergekit: {name: (fusedmerge's directory, mergekit's)}."""
+    """Every case merged by fusedmerge and by mergekit: {name: (fusedmerge's directory, mergekit's)}. One
+    thread: on a loaded machine OpenMP's waits cost ten times these tiny merges' work (results do not depend
+    on the thread count)."""
     root = tmp_path_factory.mktemp("mk_e2e")
     for bits, dtype in (("32", torch.float32), ("16", torch.bfloat16)):
         for i, name in enumerate(MODELS):
             write_checkpoint(str(root / bits / name), SHAPES, i - 1, dtype=dtype, noise=2e-3)
-    out = {}
-    for name, (text, _) in CASES.items():
-        path = root / f"{name}.yml"
-        path.write_text(text.replace("@", str(root) + "/"))
-        mine, theirs = root / f"fm-{name}", root / f"mk-{name}"
-        assert cli.main(["merge", str(path), str(mine), "--quiet"]) == 0
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(path.read_text())), str(theirs),
-                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, lazy_unpickle=False,
-                               random_seed=0))
-        out[name] = mine, theirs
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (text, _) in CASES.items():
+            path = root / f"{name}.yml"
+            path.write_text(text.replace("@", str(root) + "/"))
+            mine, theirs = root / f"fm-{name}", root / f"mk-{name}"
+            assert cli.main(["merge", str(path), str(mine), "--quiet"]) == 0
+            run_merge(MergeConfiguration.model_validate(yaml.safe_load(path.read_text())), str(theirs),
+                      MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, lazy_unpickle=False,
+                                   random_seed=0))
+            out[name] = mine, theirs
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
