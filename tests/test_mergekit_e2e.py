@@ -96,8 +96,8 @@ slices:
   - sources:
       - {model: @32/m0, layer_range: [0, 4]}
       - {model: @32/m1, layer_range: [0, 4]}
-parameters:
-  t: [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.3}]
+    parameters: {t: [{filter: self_attn, value: [0, 0.5, 1]}]}
+parameters: {t: [{filter: mlp, value: [0.2, 0.9]}, {value: 0.3}]}
 dtype: float32
 """, 4),
     "nuslerp": ("""
