@@ -104,6 +104,18 @@ def test_in_fp64_the_batched_factorisation_equals_fusion_bench_to_1e_9():
         _assert_within(name, _fused(name, base, models), _fb(name, base, models), base, tol=1e-9)
 
 
+def test_tsv_m_on_a_b32_attention_matrix_with_8_tasks_matches_fusion_bench():
+    """768×768, 8 tasks: the concatenated singular vectors are square with condition numbers ~10⁴, where a
+    rank rule in ε₃₂ drops a live direction (2.9e-2 off FusionBench before it was ε₆₄-based)."""
+    g = torch.Generator().manual_seed(0)  # fusedmerge.synthetic.clip_vit_finetuned's task vectors
+    taus = [1e-3 * torch.randn(768, 768, generator=g)
+            + torch.randn(768, 4, generator=g) @ torch.randn(4, 768, generator=g) * 2.5e-3 for _ in range(8)]
+    got = fusedmerge.tsv_m(torch.zeros(768, 768), taus)
+    want = compute_and_sum_svd_mem_reduction([{"w": t} for t in taus], accelerator="cpu")["w"]
+    assert torch.isfinite(got).all()
+    assert (got - want).norm() <= TOL["tsv_m"] * want.norm()
+
+
 def _rank_deficient(shape, t, g):
     """Each task matrix of rank k/2 (singular), no noise."""
     if len(shape) != 2:

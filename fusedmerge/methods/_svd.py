@@ -35,7 +35,7 @@ from .._forms import Slot, gather, gather_like, prepare
 from ..opcm.projection import eigh, gram_eigh
 from ..reference import CombineJob
 
-CHUNK_BYTES = 512 << 20
+CHUNK_BYTES = 128 << 20
 """Scratch memory a batch may use; larger groups of one shape run in chunks of this size."""
 
 Batch = Callable[[torch.Tensor, bool], torch.Tensor]
