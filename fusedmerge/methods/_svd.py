@@ -58,18 +58,14 @@ def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def top_triplets(X: torch.Tensor, r: int, transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The r leading singular triplets of transform(X[:, i]) in fp64 for each task i of a batch (b, T, m, n)
-    (the transformed matrices tall): U (b, T, m', r), σ (b, T, r) and V (b, T, n', r), all fp64; numerically
-    null directions have u = 0 (their σ is ~0). One task at a time, so the fp64 scratch is one task's."""
-    out = []
-    for x in X.unbind(1):
-        x = transform(x.to(torch.float64))
-        s, V, live = gram_eigh(x)
-        s, V, live = s[..., :r], V[..., :r], live[..., :r]
-        out.append(((x @ V) * torch.where(live, 1.0 / torch.where(live, s, 1.0), 0.0).unsqueeze(-2), s, V))
-    return tuple(torch.stack(f, 1) for f in zip(*out))
+def top_triplets(X: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r leading singular triplets of a batch (..., m, n), m ≥ n: U (..., m, r) in X's dtype, σ (..., r)
+    and V (..., n, r) in fp64; numerically null directions have u = 0 (their σ is ~0)."""
+    s, V, live = gram_eigh(X)
+    s, V, live = s[..., :r], V[..., :r], live[..., :r]
+    inv = torch.where(live, 1.0 / torch.where(live, s, 1.0), 0.0)
+    U = (X @ V.to(X.dtype)) * inv.to(X.dtype).unsqueeze(-2)
+    return U, s, V
 
 
 def _pinv_sqrt(G: torch.Tensor) -> torch.Tensor:

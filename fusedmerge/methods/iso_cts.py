@@ -51,17 +51,17 @@ def iso_cts_batch(fraction: float):
         """Δ for a tall batch [b, T, m, n]; `wide`: the rows (the projected side) are the short side."""
         b, t, m, n = taus.shape
         c, sd = iso_cts_split(n, t, fraction)
-        dt = taus.dtype
-        M = taus.sum(1, dtype=torch.float64)
+        dt, taus = taus.dtype, taus.to(torch.float64)
+        M = taus.sum(1)
         s, V, live = gram_eigh(M)
         inv = torch.where(live[..., :c], 1.0 / torch.where(live[..., :c], s[..., :c], 1.0), 0.0)
         Uc = (M @ V[..., :c]) * inv.unsqueeze(-2)
         if wide:
             Vp = V[..., c:]
-            Ut, st, Y = top_triplets(taus, sd, lambda x: x @ Vp)
+            Ut, st, Y = top_triplets(taus @ Vp.unsqueeze(1), sd)
             Vt = Vp.unsqueeze(1) @ Y
         else:
-            Ut, st, Vt = top_triplets(taus, sd, lambda x: x - Uc @ (Uc.mT @ x))
+            Ut, st, Vt = top_triplets(taus - Uc.unsqueeze(1) @ (Uc.mT.unsqueeze(1) @ taus), sd)
         Pu = torch.cat(polar_with_frame(Ut.permute(0, 2, 1, 3).reshape(b, m, t * sd), Uc), -1)
         Pv = torch.cat(polar_with_frame(Vt.permute(0, 2, 1, 3).reshape(b, n, t * sd), V[..., :c]), -1)
         mean = (st.sum((1, 2)) + s[..., :c].sum(-1)) / n

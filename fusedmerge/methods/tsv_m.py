@@ -50,7 +50,7 @@ def tsvm_batch(taus: torch.Tensor, wide: bool = False) -> torch.Tensor:
     fp64, the last GEMM (well-conditioned factors) in the work dtype."""
     b, t, m, n = taus.shape
     r = int(n * (1 / t))
-    U, s, V = top_triplets(taus, r)  # [b, T, m, r], [b, T, r], [b, T, n, r]
+    U, s, V = top_triplets(taus.to(torch.float64), r)  # [b, T, m, r], [b, T, r], [b, T, n, r]
     pad = n - t * r
     U_cat = torch.cat([U.permute(0, 2, 1, 3).reshape(b, m, t * r), U.new_zeros(b, m, pad)], -1)
     V_cat = torch.cat([V.permute(0, 2, 1, 3).reshape(b, n, t * r), V.new_zeros(b, n, pad)], -1)
