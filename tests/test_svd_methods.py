@@ -104,6 +104,33 @@ def test_in_fp64_the_batched_factorisation_equals_fusion_bench_to_1e_9():
         _assert_within(name, _fused(name, base, models), _fb(name, base, models), base, tol=1e-9)
 
 
+def test_tsv_m_on_a_b32_attention_matrix_with_8_tasks_matches_fusion_bench():
+    """768×768, 8 tasks: the concatenated singular vectors are square with condition numbers ~10⁴, where a
+    rank rule in ε₃₂ drops a live direction (2.9e-2 off FusionBench before it was ε₆₄-based)."""
+    g = torch.Generator().manual_seed(0)  # fusedmerge.synthetic.clip_vit_finetuned's task vectors
+    taus = [1e-3 * torch.randn(768, 768, generator=g)
+            + torch.randn(768, 4, generator=g) @ torch.randn(4, 768, generator=g) * 2.5e-3 for _ in range(8)]
+    got = fusedmerge.tsv_m(torch.zeros(768, 768), taus)
+    want = compute_and_sum_svd_mem_reduction([{"w": t} for t in taus], accelerator="cpu")["w"]
+    assert torch.isfinite(got).all()
+    assert (got - want).norm() <= TOL["tsv_m"] * want.norm()
+
+
+def test_polar_factors_keep_every_direction_the_fp64_gram_resolves():
+    """σ from 1 down to 3e-6: below 64·ε₃₂ (the old rank rule dropped it), above √(64·ε₆₄)."""
+    from fusedmerge.methods._svd import inv_sqrt, polar_with_frame
+
+    g = torch.Generator().manual_seed(13)
+    orth = lambda a, b: torch.linalg.qr(torch.randn(a, b, generator=g, dtype=torch.float64))[0]  # noqa: E731
+    Q, W = orth(96, 64), orth(64, 64)
+    A = (Q * torch.logspace(0, -5.5, 64, dtype=torch.float64)) @ W.T
+    assert (A @ inv_sqrt(A) - Q @ W.T).norm() < 1e-3
+    F = orth(96, 20)  # an orthonormal block beside A: the low-rank update equals the full polar factor
+    full = torch.cat([A, F], -1)
+    want = full @ inv_sqrt(full)
+    assert (torch.cat(polar_with_frame(A, F), -1) - want).norm() < 1e-3
+
+
 def _rank_deficient(shape, t, g):
     """Each task matrix of rank k/2 (singular), no noise."""
     if len(shape) != 2:

@@ -17,8 +17,11 @@ task vectors). fp64 makes the squared condition number harmless (σᵢ ≥ σ₁
 a direction is numerically null: its singular vectors are arbitrary in every factorisation (LAPACK returns
 some completion), so here uᵢ = 0 and it contributes nothing. Polar factors (the orthogonalisation TSV-M and
 Iso-CTS apply to concatenated singular vectors) are A·(AᵀA)^{+1/2}, the pseudo-inverse square root from one
-more batched fp64 eigensolver of the k×k Gram, directions with σ ≤ σ_max·max(rows, k)·ε_work dropped
-(numpy's rank rule). No host synchronisation inside a batch.
+more batched fp64 eigensolver of the k×k Gram, directions with σ ≤ σ_max·√(k·ε₆₄) dropped (what the fp64
+Gram cannot tell from 0; a rule in ε₃₂ would drop real directions: the concatenated singular vectors of
+TSV-M on a square CLIP-ViT matrix, 8 tasks, have condition numbers ~10⁴); where one block is orthonormal
+(Iso-CTS), a low-rank update needs only a small eigensolver (``polar_with_frame``). No host
+synchronisation inside a batch.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .._forms import Slot, gather, gather_like, prepare
 from ..opcm.projection import eigh, gram_eigh
 from ..reference import CombineJob
 
-CHUNK_BYTES = 512 << 20
+CHUNK_BYTES = 128 << 20
 """Scratch memory a batch may use; larger groups of one shape run in chunks of this size."""
 
 Batch = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -65,15 +68,41 @@ def top_triplets(X: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, t
     return U, s, V
 
 
-def inv_sqrt(A: torch.Tensor, eps: float) -> torch.Tensor:
-    """(AᵀA)^{+1/2} in fp64 for a batch (..., p, k): A·inv_sqrt(A) is A's polar factor (U Vᵀ of its thin SVD)
-    on A's numerically live directions, 0 on the rest."""
-    Ad = A.to(torch.float64)
-    lam, W = eigh(Ad.mT @ Ad)
-    s = lam.clamp_min(0).sqrt()
-    live = s > s.amax(-1, keepdim=True) * max(A.shape[-2:]) * eps
-    d = torch.where(live, 1.0 / torch.where(live, s, 1.0), 0.0)
+def _pinv_sqrt(G: torch.Tensor) -> torch.Tensor:
+    """G^{+1/2} in fp64 for a batch of symmetric positive semi-definite fp64 matrices (..., k, k): eigenvalues
+    at or below λ_max·k·ε₆₄ (what an fp64 Gram matrix cannot resolve from 0) count as 0."""
+    lam, W = eigh(G)
+    live = lam > lam.amax(-1, keepdim=True).clamp_min(0) * (G.shape[-1] * torch.finfo(torch.float64).eps)
+    d = torch.where(live, torch.where(live, lam, 1.0).rsqrt(), 0.0)
     return (W * d.unsqueeze(-2)) @ W.mT
+
+
+def inv_sqrt(A: torch.Tensor) -> torch.Tensor:
+    """(AᵀA)^{+1/2} in fp64 for a batch (..., p, k): A·inv_sqrt(A) is A's polar factor (U Vᵀ of its thin SVD)
+    on A's numerically live directions (σᵢ > σ₁·√(k·ε₆₄)), 0 on the rest. FusionBench keeps every direction:
+    the two agree wherever its result is defined (a direction below that is rounding in any factorisation)."""
+    Ad = A.to(torch.float64)
+    return _pinv_sqrt(Ad.mT @ Ad)
+
+
+def polar_with_frame(B: torch.Tensor, F: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The polar factor of [B F] (B (..., p, t) any, F (..., p, c) orthonormal columns or zero ones), split as
+    (its first t columns, its last c), in fp64, on the live directions as ``inv_sqrt``. Its Gram matrix is
+    I + P Z Pᵀ with P = diag(I_t, Q) orthonormal, FᵀB = Q R (thin QR) and Z = [[BᵀB − I, Rᵀ], [R, 0]], so
+    (Gram)^{+1/2} = I + P((I + Z)^{+1/2} − I)Pᵀ: one eigensolver of size t + min(c, t) instead of t + c.
+    (A zero column of F adds a zero row and column to the true Gram matrix where this one has 1: the polar
+    factor is the same, zero on it.)"""
+    B, F = B.to(torch.float64), F.to(torch.float64)
+    t = B.shape[-1]
+    Q, R = torch.linalg.qr(F.mT @ B)
+    q = R.shape[-2]
+    Z = B.new_zeros(*B.shape[:-2], t + q, t + q)
+    Z[..., :t, :t] = B.mT @ B
+    Z[..., t:, :t] = R
+    Z[..., :t, t:] = R.mT
+    Z[..., t:, t:] = torch.eye(q, dtype=B.dtype, device=B.device)
+    Y = torch.cat([B, F @ Q], -1) @ (_pinv_sqrt(Z) - torch.eye(t + q, dtype=B.dtype, device=B.device))
+    return B + Y[..., :t], F + Y[..., t:] @ Q.mT
 
 
 def check_matrix_inputs(method: str, forms, exclude: Sequence[str]) -> None:

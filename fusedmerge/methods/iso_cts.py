@@ -9,8 +9,9 @@ IsotropicMergingInCommonAndTaskSubspace (isotropic_merging/iso_utils.py::iso_cts
 
 Batched (methods/_svd.py): M's Gram eigensolver gives V (and U_c = M V_c Σ_c⁻¹). When the projected side
 (U's, the rows) is the short side, wᵢ = τᵢ V⊥V⊥ᵀ in tall orientation and the task factorisations shrink to
-(k − c)×(k − c) Grams of τᵢV⊥; otherwise they are n×n Grams of wᵢ. The two polar factors come from the k×k
-Grams of U_all and V_all. Everything but the last GEMM (well-conditioned factors) runs in fp64. A fraction
+(k − c)×(k − c) Grams of τᵢV⊥; otherwise they are n×n Grams of wᵢ. U_c and V_c are orthonormal, so each
+polar factor is a low-rank update of the identity's (``polar_with_frame``): an eigensolver of size
+T·s + min(c, T·s), not k. Everything but the last GEMM (well-conditioned factors) runs in fp64. A fraction
 so small that FusionBench's split gives c < 0 is refused.
 """
 
@@ -24,7 +25,7 @@ import torch
 from .. import options as opt
 from ..opcm.projection import gram_eigh
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param
-from ._svd import inv_sqrt, keys_option, merge_matrices, top_triplets
+from ._svd import keys_option, merge_matrices, polar_with_frame, top_triplets
 from .svd_reference import iso_cts_reference, iso_cts_split
 
 
@@ -61,12 +62,10 @@ def iso_cts_batch(fraction: float):
             Vt = Vp.unsqueeze(1) @ Y
         else:
             Ut, st, Vt = top_triplets(taus - Uc.unsqueeze(1) @ (Uc.mT.unsqueeze(1) @ taus), sd)
-        U_all = torch.cat([Ut.permute(0, 2, 1, 3).reshape(b, m, t * sd), Uc], -1)
-        V_all = torch.cat([Vt.permute(0, 2, 1, 3).reshape(b, n, t * sd), V[..., :c]], -1)
+        Pu = torch.cat(polar_with_frame(Ut.permute(0, 2, 1, 3).reshape(b, m, t * sd), Uc), -1)
+        Pv = torch.cat(polar_with_frame(Vt.permute(0, 2, 1, 3).reshape(b, n, t * sd), V[..., :c]), -1)
         mean = (st.sum((1, 2)) + s[..., :c].sum(-1)) / n
-        eps = torch.finfo(dt).eps
-        core = (inv_sqrt(U_all, eps) @ inv_sqrt(V_all, eps)) * mean[:, None, None]
-        return (U_all @ core).to(dt) @ V_all.mT.to(dt)
+        return (Pu * mean[:, None, None]).to(dt) @ Pv.mT.to(dt)
 
     return batch
 

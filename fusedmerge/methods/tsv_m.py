@@ -55,8 +55,7 @@ def tsvm_batch(taus: torch.Tensor, wide: bool = False) -> torch.Tensor:
     U_cat = torch.cat([U.permute(0, 2, 1, 3).reshape(b, m, t * r), U.new_zeros(b, m, pad)], -1)
     V_cat = torch.cat([V.permute(0, 2, 1, 3).reshape(b, n, t * r), V.new_zeros(b, n, pad)], -1)
     S = torch.cat([s.reshape(b, t * r), s.new_zeros(b, pad)], -1)
-    eps = torch.finfo(taus.dtype).eps
-    core = (inv_sqrt(U_cat, eps) * S.unsqueeze(-2)) @ inv_sqrt(V_cat, eps)
+    core = (inv_sqrt(U_cat) * S.unsqueeze(-2)) @ inv_sqrt(V_cat)
     return (U_cat @ core).to(taus.dtype) @ V_cat.mT.to(taus.dtype)
 
 
