@@ -91,14 +91,16 @@ def _kept(slot: Slot, pairs, n: int, thresholds, backend: str) -> Iterator[Tuple
         job = CombineJob(slot.out, [slot.inputs[m] for m in models], spec.weights, slot.base)
         thresholds = dispatch.run("select", [job], backend, spec)[0].tolist()
     base = slot.base.to(acc)
+    half = len(models) // 2
+
+    def _band(tau: torch.Tensor, j: int) -> torch.Tensor:
+        bits = tau.abs().view(torch.int64 if acc == torch.float64 else torch.int32)  # magnitude_bits
+        inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[half + j]))
+        return torch.where(inside, tau, torch.zeros((), dtype=acc, device=tau.device))
+
     for i, (d, _) in enumerate(pairs):
         tau = slot.inputs[i] - base  # promoted to acc, as acc_tau
-        kept = None if d >= 1 else torch.zeros_like(tau)
-        if i in models:
-            j = models.index(i)
-            bits = tau.abs().view(torch.int64 if acc == torch.float64 else torch.int32)  # magnitude_bits
-            inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[len(models) // 2 + j]))
-            kept = torch.where(inside, tau, kept)
+        kept = None if d >= 1 else torch.zeros_like(tau) if i not in models else _band(tau, models.index(i))
         yield tau, kept
 
 

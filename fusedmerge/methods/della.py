@@ -129,7 +129,7 @@ def _mask(tau: torch.Tensor, density: float, epsilon: float, key: int, backend: 
     dispatch.run("row_rank", [RankJob(tau, ranks)], backend)
     dispatch.run("uniforms", [words], backend)
     table = keep_table(tau.shape[1], density, epsilon, tau.device)
-    return words.out.bitwise_xor_(-(2**31)) < table[ranks]
+    return words.out.bitwise_xor_(-(2**31)) < torch.index_select(table, 0, ranks.reshape(-1)).reshape(ranks.shape)
 
 
 def _pruned(slot: Slot, o: DellaOptions, ladders, backend: str, first: int, with_sums: bool):
