@@ -14,7 +14,7 @@ so every backend gives the bits of the references of those primitives.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,15 +52,21 @@ def acc_tau(slot: Slot, i: int, acc: torch.dtype) -> torch.Tensor:
     return slot.inputs[i].to(acc) - slot.base.to(acc)
 
 
+def l1_sum(t: torch.Tensor, backend: str, zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖t‖₁, for mergekit's rescaled_masked_tensor with the L1 norm. fp32: summed exactly (the `l1_buckets`
+    primitive: int64 [256] exponent buckets, the same on every backend and device; the sums of a tensor's row
+    blocks add up to the whole tensor's bits); fp64: a 0-d fp64 sum by torch. zeros: fp32 zeros of t's shape
+    (else allocated)."""
+    if t.dtype != torch.float32:
+        return t.abs().sum()
+    zeros = torch.zeros_like(t) if zeros is None else zeros
+    return dispatch.run("l1_buckets", [CombineJob(t, [t], [1.0], zeros)], backend)[0][0, 0]
+
+
 def l1_sums(tau: torch.Tensor, kept: torch.Tensor, backend: str) -> torch.Tensor:
-    """(‖τ‖₁, ‖kept‖₁) of one model, for mergekit's rescaled_masked_tensor with the L1 norm. fp32: summed
-    exactly (the `l1_buckets` primitive: int64 [2, 256], the same on every backend and device; the sums of a
-    tensor's row blocks add up to the whole tensor's bits); fp64: [2] fp64 sums by torch."""
-    if tau.dtype != torch.float32:
-        return torch.stack([tau.abs().sum(), kept.abs().sum()])
-    zeros = torch.zeros_like(tau)
-    buckets = dispatch.run("l1_buckets", [CombineJob(tau, [tau, kept], [1.0, 1.0], zeros)], backend)[0]
-    return buckets[:, 0]
+    """(‖τ‖₁, ‖kept‖₁) by l1_sum."""
+    zeros = torch.zeros_like(tau) if tau.dtype == torch.float32 else None
+    return torch.stack([l1_sum(tau, backend, zeros), l1_sum(kept, backend, zeros)])
 
 
 def l1_factor(sums: torch.Tensor) -> float:
@@ -73,23 +79,24 @@ def store(out: torch.Tensor, value: torch.Tensor) -> None:
     """out = value rounded once to out's dtype (fp64 meets a 16-bit output through fp32, as torch's casts)."""
     if value.dtype == torch.float64 and out.dtype in (torch.float16, torch.bfloat16):
         value = value.to(torch.float32)
-    out.copy_(value.to(out.dtype))
+    out.copy_(value)  # copy_ rounds as .to(out.dtype) does
 
 
 def gta_tail(slot: Slot, deltas: Sequence[torch.Tensor], weights: Sequence[float], lam: float, normalize: bool,
-             consensus: bool, backend: str, weighted_vote: bool = True) -> None:
+             consensus: bool, backend: str, weighted_vote: bool = True, zeros: Optional[torch.Tensor] = None) -> None:
     """Write slot.out from the pruned task vectors `deltas` (module docstring); the vote is on wᵢδᵢ
-    (mergekit's GTA) or, without `weighted_vote`, on δᵢ (sce)."""
+    (mergekit's GTA) or, without `weighted_vote`, on δᵢ (sce). zeros: zeros of the deltas' dtype and size
+    (else allocated)."""
     acc = deltas[0].dtype
     for arg, values in (("weights", weights), ("scaling", [lam])):
         opt.finite_coefficients(values, acc, arg)
     if consensus:
         merged = torch.empty(slot.out.shape, dtype=acc, device=slot.out.device)
-        zeros = torch.zeros_like(merged)
+        zeros = torch.zeros_like(merged) if zeros is None else zeros.reshape(merged.shape)
         spec = TiesSpec(weights=list(weights), scaling=lam, ks=[[merged.numel()] * len(deltas)],
                         merge="mean" if normalize else "sum", weighted_vote=weighted_vote)
         dispatch.run("ties", [CombineJob(merged, list(deltas), list(weights), zeros)], backend, spec)
-        store(slot.out, slot.base.to(acc) + merged)
+        store(slot.out, merged.add_(slot.base))  # θ0 + merged (θ0 promoted to acc), in place
         return
     div = mergekit_divisor(weights, normalize)
     coeffs = [lam * w / div for w in weights] + [1.0]

@@ -43,7 +43,7 @@ from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
 from ..philox import GROUP, mask_key
 from ..reference import CombineJob, RankJob, UniformsJob
-from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, spread
+from ._sparse import gta_tail, l1_factor, l1_sum, per_model_values, spread
 from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
@@ -120,34 +120,44 @@ def della_masks(rows: Sequence[torch.Tensor], ladders: Sequence[Tuple[float, flo
                 backend: str, first: int = 0) -> List[Optional[torch.Tensor]]:
     """Keep masks (bool, rows layout) of the models' τ rows; None where the density is 1 (nothing dropped).
     first: the rows' first element in the whole tensor (a row block; a multiple of 128)."""
-    return [None if d >= 1 else _mask(tau, d, e, key, backend, first) for tau, (d, e), key in zip(rows, ladders, keys)]
+    return [None if d >= 1 else _drops(tau, d, e, key, backend, first, _scratch(tau)).logical_not()
+            for tau, (d, e), key in zip(rows, ladders, keys)]
 
 
-def _mask(tau: torch.Tensor, density: float, epsilon: float, key: int, backend: str, first: int) -> torch.Tensor:
-    ranks = torch.empty(tau.shape, dtype=torch.int32, device=tau.device)
-    words = UniformsJob(key, torch.empty(tau.shape, dtype=torch.int32, device=tau.device), first)
+def _scratch(tau: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Ranks, uniforms, looked-up K (int32) and the drop mask (bool) for τ rows of this shape: allocated once
+    per tensor and reused by each model (fresh pages cost more to write than the operations themselves)."""
+    new = lambda dtype: torch.empty(tau.shape, dtype=dtype, device=tau.device)  # noqa: E731
+    return new(torch.int32), new(torch.int32), new(torch.int32), new(torch.bool)
+
+
+def _drops(tau: torch.Tensor, density: float, epsilon: float, key: int, backend: str, first: int,
+           scratch: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Where τ's entries are dropped: U ≥ K(rank) (bool, in scratch)."""
+    ranks, words, ks, drops = scratch
     dispatch.run("row_rank", [RankJob(tau, ranks)], backend)
-    dispatch.run("uniforms", [words], backend)
-    table = keep_table(tau.shape[1], density, epsilon, tau.device)
-    return words.out.bitwise_xor_(-(2**31)) < torch.index_select(table, 0, ranks.reshape(-1)).reshape(ranks.shape)
+    dispatch.run("uniforms", [UniformsJob(key, words, first)], backend)
+    torch.index_select(keep_table(tau.shape[1], density, epsilon, tau.device), 0, ranks.view(-1), out=ks.view(-1))
+    return torch.ge(words.bitwise_xor_(-(2**31)), ks, out=drops)
 
 
-def _pruned(slot: Slot, o: DellaOptions, ladders, backend: str, first: int, with_sums: bool):
+def _pruned(slot: Slot, o: DellaOptions, ladders, backend: str, first: int, with_sums: bool, zeros: torch.Tensor):
     """The models' kept task vectors δᵢ before the rescale (rows layout, accumulation dtype; τᵢ where dᵢ = 1)
-    and, `with_sums`, each pruned model's L1 sums of (τᵢ, δᵢ) (_sparse.l1_sums; else and where dᵢ = 1: None).
-    A model at a time, so that one model's ranks and uniforms are held at once."""
-    acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
-    base = slot.base.to(acc)
-    kept, sums = [], []
+    and, `with_sums`, each pruned model's L1 sums of (τᵢ, δᵢ) (_sparse.l1_sum; else and where dᵢ = 1: None).
+    A model at a time, τᵢ pruned in place; zeros: the accumulation dtype's, of the rows' shape."""
+    base = slot.base.to(zeros.dtype)
+    kept, sums, scratch = [], [], None
     for i, (x, (d, e)) in enumerate(zip(slot.inputs, ladders)):
         tau = as_rows(x - base)  # x promoted to acc (base is acc), as acc_tau
+        kept.append(tau)
+        sums.append(None)
         if d >= 1:
-            kept.append(tau)
-            sums.append(None)
             continue
-        mask = _mask(tau, d, e, mask_key(o.seed, i, slot.key), backend, first)
-        kept.append(torch.where(mask, tau, torch.zeros((), dtype=acc, device=tau.device)))
-        sums.append(l1_sums(tau, kept[-1], backend) if with_sums else None)
+        scratch = scratch or _scratch(tau)
+        before = l1_sum(tau, backend, zeros) if with_sums else None
+        tau.masked_fill_(_drops(tau, d, e, mask_key(o.seed, i, slot.key), backend, first, scratch), 0.0)
+        if with_sums:
+            sums[-1] = torch.stack([before, l1_sum(tau, backend, zeros)])
     return kept, sums
 
 
@@ -155,13 +165,15 @@ def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: s
                 sums=None) -> None:
     """slot.out from slot's tensors; first and sums when the slot is a row block: its first element in the
     whole tensor and the whole tensor's L1 sums (else this slot's own)."""
-    kept, own = _pruned(slot, o, ladders, backend, first, o.rescale and sums is None)
+    acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
+    zeros = torch.zeros(as_rows(slot.out).shape, dtype=acc, device=slot.out.device)
+    kept, own = _pruned(slot, o, ladders, backend, first, o.rescale and sums is None, zeros)
     for i, s in enumerate(own if sums is None else sums):
         f = 1.0 if s is None else l1_factor(s)
         if f != 1.0:
             kept[i].mul_(torch.tensor(f, dtype=kept[i].dtype, device=kept[i].device))
     deltas = [from_rows(k, slot.out.shape).contiguous() for k in kept]
-    gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
+    gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend, zeros=zeros)
 
 
 @torch.no_grad()
@@ -236,10 +248,13 @@ def _block(call: GroupCall, span: Span, method: ConfigMethod, consensus: bool):
 
 def _block_sums(call: GroupCall, span: Span, method: ConfigMethod, consensus: bool):
     """Each model's L1 sums of one block (None: no rescale, or nothing pruned)."""
-    o, _, slots, _, ladders = _block(call, span, method, consensus)
+    o, _, slots, w, ladders = _block(call, span, method, consensus)
     if not o.rescale or not slots or all(d >= 1 for d, _ in ladders):
         return None
-    return _pruned(slots[0], o, ladders, call.backend, span.first, True)[1]
+    slot = slots[0]
+    acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
+    zeros = torch.zeros(as_rows(slot.out).shape, dtype=acc, device=slot.out.device)
+    return _pruned(slot, o, ladders, call.backend, span.first, True, zeros)[1]
 
 
 def _add_sums(total, part):
