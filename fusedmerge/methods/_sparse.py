@@ -128,15 +128,21 @@ def _digit_pass(d: int, selections) -> BlockPass:
         acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
         if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
             return ks, models, None  # integer tensors are not selected; 32-bit magnitudes have no upper digits
-        hists = torch.zeros((len(ks), 1 << DIGIT), dtype=torch.int64, device=base.device)
+        # selections of one model with the same higher digits share a histogram; none to filter on in the
+        # first pass, nor above the magnitudes' width (fp32's 32 bits)
+        filtered = stats is not None and shift + DIGIT < (64 if acc == torch.float64 else 32)
+        shared = [(m, stats[0][j] >> (shift + DIGIT) if filtered else None) for j, m in enumerate(models)]
+        hists = {key: torch.zeros(1 << DIGIT, dtype=torch.int64, device=base.device) for key in shared}
         for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
             b = base[start:start + SELECT_CHUNK].to(acc)
             for m in sorted(set(models)):
                 bits = magnitude_bits(inputs[m][start:start + SELECT_CHUNK].to(acc) - b)
-                for j in (j for j, mj in enumerate(models) if mj == m):
-                    mine = bits[(bits >> (shift + DIGIT)) == (stats[0][j] >> (shift + DIGIT))] if stats else bits
-                    hists[j] += torch.bincount((mine >> shift) & 0xFFFF, minlength=1 << DIGIT)
-        return ks, models, hists
+                for (mk, high), h in hists.items():
+                    if mk == m:
+                        mine = bits if high is None else bits[(bits >> (shift + DIGIT)) == high]
+                        h += torch.bincount((mine >> shift) & 0xFFFF, minlength=1 << DIGIT)
+        empty = torch.zeros((0, 1 << DIGIT), dtype=torch.int64, device=base.device)
+        return ks, models, torch.stack([hists[key] for key in shared]) if shared else empty
 
     def finish(total, stats):
         ks, models, hists = total
