@@ -30,10 +30,10 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "model_stock_rows": ("model_stock", 3, "filter_wise: true", ""),
     "nearswap": ("nearswap", 1, "t: 0.01", ""),
     "passthrough": ("passthrough", 1, "", "scale: 0.7"),
-    "della": ("della", 3, "lambda: 0.9", "weight: 0.7, density: 0.4, epsilon: 0.2"),
+    "della": ("della", 2, "lambda: 0.9", "weight: 0.7, density: 0.4, epsilon: 0.2"),
     "della_linear": ("della_linear", 2, "rescale: false", "density: 0.6"),
     "breadcrumbs": ("breadcrumbs", 2, "rescale: true", "weight: 0.7, density: 0.5, gamma: 0.1"),
-    "breadcrumbs_ties": ("breadcrumbs_ties", 3, "lambda: 0.9", "weight: 0.7, density: 0.3"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", 2, "lambda: 0.9", "weight: 0.7, density: 0.3"),
 }
 WHOLE = {"sce", "arcee_fusion", "nuslerp", "multislerp",
          "karcher", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
