@@ -159,12 +159,13 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("args"), "Per-row ascending rank of |values| (ties in column order) into out[int32] (rank_cpu.cpp).");
   m.def(
       "uniforms",
-      [](uint64_t key, int64_t numel, uintptr_t out) {
+      [](uint64_t key, int64_t numel, uintptr_t out, int64_t first) {
         py::gil_scoped_release release;
-        fm::cpu_uniforms(key, numel, reinterpret_cast<int32_t*>(out));
+        fm::cpu_uniforms(key, numel, first, reinterpret_cast<int32_t*>(out));
       },
-      py::kw_only(), py::arg("key"), py::arg("numel"), py::arg("out"),
-      "Each element's 32-bit Philox uniform of a 64-bit key into out[int32, numel] (rank_cpu.cpp).");
+      py::kw_only(), py::arg("key"), py::arg("numel"), py::arg("out"), py::arg("first") = 0,
+      "The 32-bit Philox uniforms of elements first.. (a multiple of 128) of a 64-bit key into out[int32, numel] "
+      "(rank_cpu.cpp).");
   py::class_<fm::DotsArgs>(m, "DotsArgs", "Parameters of dots.")
       .def(py::init([](const TableArgs& table, uintptr_t chunks, int64_t n_chunks, uintptr_t pairs, int64_t n_pairs,
                        uintptr_t partials) { return fm::DotsArgs{table, chunks, n_chunks, pairs, n_pairs, partials}; }),

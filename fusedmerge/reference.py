@@ -277,14 +277,16 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
 @dataclass
 class UniformsJob:
     """Every element's 32-bit Philox uniform for one 64-bit key, into ``out`` (int32 holding the uint32 bits,
-    contiguous; its numel is the element count)."""
+    contiguous; its numel is the element count). `first`: the index of out's first element in the whole tensor
+    when out is a row block of it (a multiple of 128; the Philox counters start there, as CombineJob's)."""
 
     key: int
     out: torch.Tensor
+    first: int = 0
 
 
 def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """Backend entry point of the reference (fusedmerge.philox.random_words): writes every job's out."""
     for job in jobs:
-        u = random_words(job.key, job.out.numel(), job.out.device)
+        u = random_words(job.key, job.out.numel(), job.out.device, job.first)
         job.out.copy_(torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).reshape(job.out.shape))

@@ -17,7 +17,7 @@ from fusedmerge.checkpoint.safetensors import write_file
 from fusedmerge.methods import CONFIG_METHODS, GroupCall, _reduce
 from fusedmerge.philox import drop_threshold
 from fusedmerge.reductions import DotsJob, DotsSpec, gram_pairs
-from fusedmerge.reference import CombineJob, TiesSpec
+from fusedmerge.reference import CombineJob, TiesSpec, UniformsJob
 
 METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "linear": ("linear", 3, "", "weight: 0.7"),
@@ -34,9 +34,12 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "nuslerp_rows": ("nuslerp", 2, "nuslerp_flatten: false", "weight: 0.7"),
     "multislerp": ("multislerp", 3, "", "weight: 0.7"),
     "karcher": ("karcher", 3, "", ""),
+    "della": ("della", 2, "lambda: 0.9", "weight: 0.7, density: 0.4, epsilon: 0.2"),
+    "della_linear": ("della_linear", 2, "rescale: false", "density: 0.6"),
+    "breadcrumbs": ("breadcrumbs", 2, "rescale: true", "weight: 0.7, density: 0.5, gamma: 0.1"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", 2, "lambda: 0.9", "weight: 0.7, density: 0.3"),
 }
-WHOLE = {"della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "arcee_fusion", "tsv_m", "iso_c", "iso_cts",
-         "magmax", "wudi"}  # merged whole (blocks=None)
+WHOLE = {"sce", "arcee_fusion", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
 
 
 def test_every_method_is_blocked_or_declared_whole():
@@ -73,7 +76,8 @@ def test_spans_cover_the_tensor_in_aligned_blocks():
 @pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
 def test_a_block_draws_the_whole_tensors_masks(backend):
     """A job whose `first` is 384 draws the DARE masks of elements 384.. of the whole tensor: its combine,
-    DARE-TIES and L1 buckets equal the whole tensor's (the buckets: summed with the first block's)."""
+    DARE-TIES and L1 buckets equal the whole tensor's (the buckets: summed with the first block's), and so do
+    its uniforms (DELLA)."""
     torch.manual_seed(0)
     n, first, keys, T = 1000, 384, [11, 12], drop_threshold(0.5)
     base, xs = torch.randn(n), [torch.randn(n) for _ in keys]
@@ -90,6 +94,9 @@ def test_a_block_draws_the_whole_tensors_masks(backend):
     buckets = lambda a, b, f: dispatch.run(  # noqa: E731
         "l1_buckets", [CombineJob(base[a:b], [x[a:b] for x in xs], [1.0, 1.0], base[a:b], T, keys, f)], backend)[0]
     assert torch.equal(buckets(0, first, 0) + buckets(first, n, first), buckets(0, n, 0))
+    words = [UniformsJob(keys[0], torch.empty(size, dtype=torch.int32), n - size) for size in (n, n - first)]
+    dispatch.run("uniforms", words, backend)  # DELLA's uniforms
+    assert torch.equal(words[1].out, tail(words[0].out))
 
 
 @pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])

@@ -58,16 +58,16 @@ def launch(values, out) -> None:
 
 
 @triton.jit
-def uniforms_kernel(out_ptr, key, numel, BLOCK: tl.constexpr):
+def uniforms_kernel(out_ptr, key, numel, first, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    u = (_halves(key, start, 0, BLOCK) << 16) | _halves(key, start, 1, BLOCK)
+    u = (_halves(key, first + start, 0, BLOCK) << 16) | _halves(key, first + start, 1, BLOCK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     tl.store(out_ptr + offs, u.to(tl.int32, bitcast=True), mask=offs < numel)
 
 
-def launch_uniforms(key: int, out) -> None:
-    """out[j] = U_j (int32 bits) for a 64-bit key, j < out.numel()."""
+def launch_uniforms(key: int, out, first: int = 0) -> None:
+    """out[j] = U_{first+j} (int32 bits) for a 64-bit key, j < out.numel(); first: a multiple of 128."""
     n = out.numel()
     block = TILE_INTERPRETER if out.device.type == "cpu" else 1024
     if n:
-        uniforms_kernel[(triton.cdiv(n, block),)](out, key - (1 << 64) if key >= 1 << 63 else key, n, BLOCK=block)
+        uniforms_kernel[(triton.cdiv(n, block),)](out, key - (1 << 64) if key >= 1 << 63 else key, n, first, BLOCK=block)

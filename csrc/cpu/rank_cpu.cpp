@@ -60,14 +60,15 @@ void rank_row(const float* v, int64_t n, int32_t* out, std::vector<uint32_t>& sc
 
 }  // namespace
 
-void cpu_uniforms(uint64_t key, int64_t numel, int32_t* out) {
+void cpu_uniforms(uint64_t key, int64_t numel, int64_t first, int32_t* out) {
   const int64_t groups = (numel + kGroup - 1) / kGroup;
+  const int64_t g0 = first / kGroup;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t halves[2][kGroup];
     for (uint32_t s = 0; s < 2; ++s) {
       for (int64_t lane = 0; lane < 16; ++lane) {
-        const Words4 w = philox4x32_10(static_cast<uint64_t>(16 * g + lane), key, s);
+        const Words4 w = philox4x32_10(static_cast<uint64_t>(16 * (g0 + g) + lane), key, s);
         for (int word = 0; word < 4; ++word) {
           halves[s][word * 32 + lane] = w.w[word] & 0xFFFFu;
           halves[s][word * 32 + 16 + lane] = w.w[word] >> 16;

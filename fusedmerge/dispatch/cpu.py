@@ -76,7 +76,7 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
 def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: each element's Philox uniform (csrc/cpu/rank_cpu.cpp), OpenMP over groups."""
     for job in jobs:
-        _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr())
+        _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr(), first=job.first)
 
 
 def dots(jobs: Sequence[DotsJob], spec: DotsSpec):

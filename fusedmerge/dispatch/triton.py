@@ -98,7 +98,7 @@ def row_rank(jobs: Sequence[RankJob]) -> None:
 def uniforms(jobs: Sequence[UniformsJob]) -> None:
     """reference.uniforms: both Philox streams of each element (triton_kernels/rank.py)."""
     for job in jobs:
-        rank_kernels.launch_uniforms(job.key, job.out)
+        rank_kernels.launch_uniforms(job.key, job.out, job.first)
 
 
 def dots(jobs: Sequence[DotsJob], spec: DotsSpec):

@@ -14,14 +14,15 @@ so every backend gives the bits of the references of those primitives.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot
-from ..reference import CombineJob, TiesSpec, bucket_value
+from ..reference import CombineJob, TiesSpec, bucket_value, magnitude_bits
+from ._spec import BlockPass, GroupCall, Span
 from .task_arithmetic import mergekit_divisor
 
 
@@ -51,50 +52,109 @@ def acc_tau(slot: Slot, i: int, acc: torch.dtype) -> torch.Tensor:
     return slot.inputs[i].to(acc) - slot.base.to(acc)
 
 
-def l1_factors(taus: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], backend: str) -> List[float]:
-    """mergekit's rescaled_masked_tensor factors with the L1 norm: ‖τᵢ‖₁/‖keptᵢ‖₁ per model, 1 when a norm is
-    below 1e-7 (or not finite). fp32 norms are summed exactly (the `l1_buckets` primitive, one launch), so
-    the factors are the same on every backend and device; fp64 ones by torch."""
-    if not taus:
-        return []
-    if taus[0].dtype == torch.float32:
-        zeros = torch.zeros_like(taus[0])
-        jobs = [CombineJob(t, [t, k], [1.0, 1.0], zeros) for t, k in zip(taus, kept)]
-        norms = [(bucket_value(b[0, 0]), bucket_value(b[1, 0])) for b in dispatch.run("l1_buckets", jobs, backend)]
-    else:
-        norms = [(float(t.abs().sum()), float(k.abs().sum())) for t, k in zip(taus, kept)]
-    return [1.0 if not (math.isfinite(a) and math.isfinite(b)) or a < 1e-7 or b < 1e-7 else a / b for a, b in norms]
+def l1_sum(t: torch.Tensor, backend: str, zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖t‖₁, for mergekit's rescaled_masked_tensor with the L1 norm. fp32: summed exactly (the `l1_buckets`
+    primitive: int64 [256] exponent buckets, the same on every backend and device; the sums of a tensor's row
+    blocks add up to the whole tensor's bits); fp64: a 0-d fp64 sum by torch. zeros: fp32 zeros of t's shape
+    (else allocated)."""
+    if t.dtype != torch.float32:
+        return t.abs().sum()
+    zeros = torch.zeros_like(t) if zeros is None else zeros
+    return dispatch.run("l1_buckets", [CombineJob(t, [t], [1.0], zeros)], backend)[0][0, 0]
 
 
-def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor, backend: str) -> torch.Tensor:
-    """kept·(‖τ‖₁/‖kept‖₁) as l1_factors says."""
-    (f,) = l1_factors([tau], [kept], backend)
-    return kept * torch.tensor(f, dtype=kept.dtype, device=kept.device) if f != 1.0 else kept
+def l1_sums(tau: torch.Tensor, kept: torch.Tensor, backend: str) -> torch.Tensor:
+    """(‖τ‖₁, ‖kept‖₁) by l1_sum."""
+    zeros = torch.zeros_like(tau) if tau.dtype == torch.float32 else None
+    return torch.stack([l1_sum(tau, backend, zeros), l1_sum(kept, backend, zeros)])
+
+
+def l1_factor(sums: torch.Tensor) -> float:
+    """‖τ‖₁/‖kept‖₁ from l1_sums, 1 when a norm is below 1e-7 (or not finite)."""
+    a, b = (bucket_value(s) for s in sums) if sums.dtype == torch.int64 else (float(s) for s in sums)
+    return 1.0 if not (math.isfinite(a) and math.isfinite(b)) or a < 1e-7 or b < 1e-7 else a / b
 
 
 def store(out: torch.Tensor, value: torch.Tensor) -> None:
     """out = value rounded once to out's dtype (fp64 meets a 16-bit output through fp32, as torch's casts)."""
     if value.dtype == torch.float64 and out.dtype in (torch.float16, torch.bfloat16):
         value = value.to(torch.float32)
-    out.copy_(value.to(out.dtype))
+    out.copy_(value)  # copy_ rounds as .to(out.dtype) does
 
 
 def gta_tail(slot: Slot, deltas: Sequence[torch.Tensor], weights: Sequence[float], lam: float, normalize: bool,
-             consensus: bool, backend: str, weighted_vote: bool = True) -> None:
+             consensus: bool, backend: str, weighted_vote: bool = True, zeros: Optional[torch.Tensor] = None) -> None:
     """Write slot.out from the pruned task vectors `deltas` (module docstring); the vote is on wᵢδᵢ
-    (mergekit's GTA) or, without `weighted_vote`, on δᵢ (sce)."""
+    (mergekit's GTA) or, without `weighted_vote`, on δᵢ (sce). zeros: zeros of the deltas' dtype and size
+    (else allocated)."""
     acc = deltas[0].dtype
     for arg, values in (("weights", weights), ("scaling", [lam])):
         opt.finite_coefficients(values, acc, arg)
     if consensus:
         merged = torch.empty(slot.out.shape, dtype=acc, device=slot.out.device)
-        zeros = torch.zeros_like(merged)
+        zeros = torch.zeros_like(merged) if zeros is None else zeros.reshape(merged.shape)
         spec = TiesSpec(weights=list(weights), scaling=lam, ks=[[merged.numel()] * len(deltas)],
                         merge="mean" if normalize else "sum", weighted_vote=weighted_vote)
         dispatch.run("ties", [CombineJob(merged, list(deltas), list(weights), zeros)], backend, spec)
-        store(slot.out, slot.base.to(acc) + merged)
+        store(slot.out, merged.add_(slot.base))  # θ0 + merged (θ0 promoted to acc), in place
         return
     div = mergekit_divisor(weights, normalize)
     coeffs = [lam * w / div for w in weights] + [1.0]
     opt.finite_coefficients(coeffs, acc, "scaling·weights")
     dispatch.run("combine", [CombineJob(slot.out, [*deltas, slot.base], coeffs)], backend)
+
+
+# Order statistics over row blocks: the exact k-th largest |τ_m| bits of a whole tensor for each selection
+# (m, k) (TIES's trim thresholds, breadcrumbs' band), selected digit by digit (16 bits per pass, most
+# significant first) from histograms of the blocks summed as integers — a radix selection, exact and
+# independent of the blocks; 32-bit magnitudes (fp32 accumulation) skip the two upper digits.
+DIGIT = 16
+SELECT_CHUNK = 1 << 18  # elements whose magnitudes are histogrammed at once
+
+
+def radix_passes(selections: Callable[[GroupCall, Span], Tuple[List[int], List[int]]]) -> Tuple[BlockPass, ...]:
+    """The passes of a radix selection; selections(call, span) gives (ks, models): the k and the model index
+    of each selection (the same for every block). The last pass's statistics are (thresholds, ks, models):
+    thresholds[j] the bits of the ks[j]-th largest |τ_models[j]| (0 for integer tensors, not selected)."""
+    return tuple(_digit_pass(d, selections) for d in (3, 2, 1, 0))
+
+
+def _digit_pass(d: int, selections) -> BlockPass:
+    shift = DIGIT * d
+
+    def partial(call: GroupCall, span: Span, stats):
+        _, base, inputs = call.block()
+        ks, models = (stats[1], stats[2]) if stats else selections(call, span)
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
+        if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
+            return ks, models, None  # integer tensors are not selected; 32-bit magnitudes have no upper digits
+        # selections of one model with the same higher digits share a histogram; none to filter on in the
+        # first pass, nor above the magnitudes' width (fp32's 32 bits)
+        filtered = stats is not None and shift + DIGIT < (64 if acc == torch.float64 else 32)
+        shared = [(m, stats[0][j] >> (shift + DIGIT) if filtered else None) for j, m in enumerate(models)]
+        hists = {key: torch.zeros(1 << DIGIT, dtype=torch.int64, device=base.device) for key in shared}
+        for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
+            b = base[start:start + SELECT_CHUNK].to(acc)
+            for m in sorted(set(models)):
+                bits = magnitude_bits(inputs[m][start:start + SELECT_CHUNK].to(acc) - b)
+                for (mk, high), h in hists.items():
+                    if mk == m:
+                        mine = bits if high is None else bits[(bits >> (shift + DIGIT)) == high]
+                        h += torch.bincount((mine >> shift) & 0xFFFF, minlength=1 << DIGIT)
+        empty = torch.zeros((0, 1 << DIGIT), dtype=torch.int64, device=base.device)
+        return ks, models, torch.stack([hists[key] for key in shared]) if shared else empty
+
+    def finish(total, stats):
+        ks, models, hists = total
+        prefixes = list(stats[0]) if stats else [0] * len(ks)
+        if hists is None:
+            return prefixes, ks, models
+        ks = list(ks)
+        for j, h in enumerate(hists):
+            above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[g]: count with digit ≥ g
+            g = int(torch.nonzero(above >= ks[j]).max())
+            prefixes[j] |= g << shift
+            ks[j] -= int(above[g]) - int(h[g])
+        return prefixes, ks, models
+
+    return BlockPass(partial, lambda a, b: (a[0], a[1], None if a[2] is None else a[2] + b[2]), finish)

@@ -17,17 +17,18 @@ set unless magnitudes tie at a threshold, where its choice is the sort's).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
-from ..reference import CombineJob, TiesSpec, magnitude_bits
-from ._sparse import acc_tau, gta_tail, l1_rescaled, per_model_values, spread
-from ._spec import ConfigMethod, GroupCall, Method, Param
+from ..reference import CombineJob, TiesSpec
+from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, radix_passes, spread
+from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
 
@@ -68,29 +69,51 @@ def band(n: int, density: float, gamma: float) -> Tuple[int, int]:
     return n - n_bot - target + 1, n - n_bot
 
 
-def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, backend: str) -> None:
-    acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
-    n = slot.out.numel()
-    pruned = [i for i, (d, _) in enumerate(pairs) if d < 1 and band(n, *pairs[i])[0] <= band(n, *pairs[i])[1]]
-    thresholds = None
-    if pruned:
-        bands = [band(n, *pairs[i]) for i in pruned]
-        spec = TiesSpec(weights=[1.0] * 2 * len(pruned), scaling=1.0,
-                        ks=[[hi for hi, _ in bands] + [lo for _, lo in bands]])
-        inputs = [slot.inputs[i] for i in pruned] * 2
-        thresholds = dispatch.run("select", [CombineJob(slot.out, inputs, spec.weights, slot.base)], backend, spec)[0]
-    deltas = []
+def _pruned(n: int, pairs) -> List[int]:
+    """The models whose band is pruned and not empty, in a tensor of n entries."""
+    return [i for i, (d, g) in enumerate(pairs) if d < 1 and band(n, d, g)[0] <= band(n, d, g)[1]]
+
+
+def _selections(n: int, pairs) -> Tuple[List[int], List[int]]:
+    """(ks, models) of the band's order statistics: each pruned model's k_hi, then each one's k_lo."""
+    pruned = _pruned(n, pairs)
+    bands = [band(n, *pairs[i]) for i in pruned]
+    return [hi for hi, _ in bands] + [lo for _, lo in bands], pruned * 2
+
+
+def _kept(slot: Slot, pairs, n: int, thresholds, backend: str) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Per model (τ, its band; None where d ≥ 1) in the accumulation dtype; thresholds: the bits of
+    _selections (None: selected here over the slot, one `select` launch)."""
+    acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
+    ks, models = _selections(n, pairs)
+    if thresholds is None and ks:
+        spec = TiesSpec(weights=[1.0] * len(ks), scaling=1.0, ks=[ks])
+        job = CombineJob(slot.out, [slot.inputs[m] for m in models], spec.weights, slot.base)
+        thresholds = dispatch.run("select", [job], backend, spec)[0].tolist()
+    base = slot.base.to(acc)
+    half = len(models) // 2
+
+    def _band(tau: torch.Tensor, j: int) -> torch.Tensor:
+        bits = tau.abs().view(torch.int64 if acc == torch.float64 else torch.int32)  # magnitude_bits
+        inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[half + j]))
+        return torch.where(inside, tau, torch.zeros((), dtype=acc, device=tau.device))
+
     for i, (d, _) in enumerate(pairs):
-        tau = acc_tau(slot, i, acc)
-        if d < 1:
-            kept = torch.zeros_like(tau)
-            if i in pruned:
-                j = pruned.index(i)
-                bits = magnitude_bits(tau).reshape(tau.shape)
-                inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[len(pruned) + j]))
-                kept = torch.where(inside, tau, kept)
-            tau = l1_rescaled(tau, kept, backend) if o.rescale else kept
-        deltas.append(tau)
+        tau = slot.inputs[i] - base  # promoted to acc, as acc_tau
+        kept = None if d >= 1 else torch.zeros_like(tau) if i not in models else _band(tau, models.index(i))
+        yield tau, kept
+
+
+def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, backend: str, n: Optional[int] = None,
+                      thresholds=None, sums=None) -> None:
+    """slot.out from slot's tensors; n, thresholds and sums when the slot is a row block: the whole tensor's
+    size, band thresholds and L1 sums (else the slot's own)."""
+    deltas = []
+    for i, (tau, kept) in enumerate(_kept(slot, pairs, slot.out.numel() if n is None else n, thresholds, backend)):
+        if kept is not None and o.rescale:
+            f = l1_factor(l1_sums(tau, kept, backend) if sums is None else sums[i])
+            kept = kept.mul_(torch.tensor(f, dtype=kept.dtype, device=kept.device)) if f != 1.0 else kept
+        deltas.append(tau if kept is None else kept)
     gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
 
 
@@ -103,15 +126,24 @@ def breadcrumbs(base, inputs, *, weights: Optional[Sequence[float]] = None,
     `density` fraction of |τ| just below the top `gamma` fraction, then θ0 + λ·Σ wᵢδᵢ (/ Σ wᵢ with
     `normalize`), or with `consensus` (breadcrumbs_ties) TIES's sign vote on wᵢδᵢ. `scaling` is λ."""
     o = BreadcrumbsOptions(weights, density, gamma, scaling, normalize, consensus, rescale, out_dtype)
+    forms, merged, slots, w, pairs = _prepared(o, base, inputs)
+    for slot in slots:
+        _breadcrumbs_slot(slot, o, w, pairs, backend)
+    return forms.wrap(merged)
+
+
+def _prepared(o: BreadcrumbsOptions, base, inputs):
+    """(forms, merged, non-empty slots, weights, (density, gamma) per model) of a breadcrumbs call."""
     forms = gather(inputs)
     base_dict = gather_like(base, forms, "base")
     w = opt.count_weights(o.weights, len(forms.dicts), normalise=False)
-    pairs = list(zip(spread(o.density, len(w), "density"), spread(o.gamma, len(w), "gamma")))
     merged, slots = prepare(forms, base_dict, o.out_dtype)
-    for slot in slots:
-        if slot.out.numel():
-            _breadcrumbs_slot(slot, o, w, pairs, backend)
-    return forms.wrap(merged)
+    return forms, merged, [s for s in slots if s.out.numel()], w, _pairs(o, len(w))
+
+
+def _pairs(o: BreadcrumbsOptions, n: int) -> List[Tuple[float, float]]:
+    """(density, gamma) per model."""
+    return list(zip(spread(o.density, n, "density"), spread(o.gamma, n, "gamma")))
 
 
 def breadcrumbs_reference(base, inputs, **options):
@@ -126,12 +158,53 @@ BREADCRUMBS_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ"),
                             "gamma": Param("number", 0.01, doc="fraction of the largest |τᵢ| dropped")}
 
 
-def _mergekit_breadcrumbs(call: GroupCall, method: ConfigMethod, consensus: bool):
-    return breadcrumbs(call.base, call.models, weights=call.weights,
-                       density=[1.0 if d is None else d for d in call.densities],
-                       gamma=call.model_values("gamma", method), scaling=call.param("lambda", method),
-                       normalize=call.param("normalize", method), consensus=consensus,
-                       rescale=call.param("rescale", method), out_dtype=call.out_dtype, backend=call.backend)
+def _mergekit_options(call: GroupCall, method: ConfigMethod, consensus: bool) -> BreadcrumbsOptions:
+    return BreadcrumbsOptions(tuple(call.weights), tuple(1.0 if d is None else d for d in call.densities),
+                              tuple(call.model_values("gamma", method)), call.param("lambda", method),
+                              call.param("normalize", method), consensus, call.param("rescale", method),
+                              call.out_dtype)
+
+
+def _mergekit_breadcrumbs(call: GroupCall, method: ConfigMethod, consensus: bool, span: Optional[Span] = None,
+                          stats=None):
+    """The merge of a call, or with span and stats of a row block: stats are (band thresholds, L1 sums)."""
+    o = _mergekit_options(call, method, consensus)
+    forms, merged, slots, w, pairs = _prepared(o, call.base, call.models)
+    for slot in slots:
+        if span is None:
+            _breadcrumbs_slot(slot, o, w, pairs, call.backend)
+        else:
+            _breadcrumbs_slot(slot, o, w, pairs, call.backend, math.prod(span.shape), *stats)
+    return forms.wrap(merged)
+
+
+# Row blocks: the band's two order statistics per model are selected over the blocks by the radix selection
+# of _sparse.radix_passes (exact), then, with `rescale`, a pass adds up each block's exact L1 sums (l1_sums),
+# then each block is merged elementwise with the whole tensor's thresholds and factors.
+
+
+def _block_sums(call: GroupCall, span: Span, stats, method: ConfigMethod, consensus: bool):
+    o = _mergekit_options(call, method, consensus)
+    if not o.rescale:
+        return None
+    _, _, slots, _, pairs = _prepared(o, call.base, call.models)
+    n = math.prod(span.shape)
+    return [None if kept is None else l1_sums(tau, kept, call.backend)
+            for slot in slots for tau, kept in _kept(slot, pairs, n, stats[0], call.backend)]
+
+
+def _add_sums(total, part):
+    return None if total is None else [a if a is None else a + b for a, b in zip(total, part)]
+
+
+def _blocks(method_of, consensus: bool) -> RowBlocks:
+    """RowBlocks of the method method_of() (the ConfigMethod they belong to)."""
+    selections = lambda call, span: _selections(  # noqa: E731
+        math.prod(span.shape), _pairs(_mergekit_options(call, method_of(), consensus), len(call.models)))
+    sums = BlockPass(lambda call, span, stats: _block_sums(call, span, stats, method_of(), consensus), _add_sums,
+                     lambda total, stats: (stats[0], total))
+    return RowBlocks(passes=(*radix_passes(selections), sums),
+                     merge=lambda call, span, stats: _mergekit_breadcrumbs(call, method_of(), consensus, span, stats))
 
 
 def _breadcrumbs_config(name: str, consensus: bool, doc: str) -> ConfigMethod:
@@ -139,6 +212,7 @@ def _breadcrumbs_config(name: str, consensus: bool, doc: str) -> ConfigMethod:
         name, "mergekit", needs_base=True, model_params=BREADCRUMBS_MODEL_PARAMS,
         global_params={**GTA_PARAMS, "rescale": Param("bool", False, doc="keep each task vector's L1 norm")},
         merge=lambda call: _mergekit_breadcrumbs(call, method, consensus), doc=doc,
+        blocks=_blocks(lambda: method, consensus),
         check=lambda models: BreadcrumbsOptions(gamma=[m.get("gamma", 0.01) for m in models] or 0.01))
     return method
 

@@ -41,10 +41,10 @@ import torch
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
-from ..philox import mask_key
+from ..philox import GROUP, mask_key
 from ..reference import CombineJob, RankJob, UniformsJob
-from ._sparse import acc_tau, gta_tail, l1_factors, per_model_values, spread
-from ._spec import ConfigMethod, GroupCall, Method, Param
+from ._sparse import gta_tail, l1_factor, l1_sum, per_model_values, spread
+from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
 
@@ -109,36 +109,71 @@ def keep_ladder(ranks: torch.Tensor, density: float, epsilon: float) -> torch.Te
     return lo + torch.div(ranks.to(torch.int64) * (hi - lo), n - 1, rounding_mode="floor")
 
 
+def keep_table(n: int, density: float, epsilon: float, device) -> torch.Tensor:
+    """K − 2³¹ for each rank r < n (int32, keep_ladder's K): U < K ⇔ (U − 2³¹) < K − 2³¹ in int32, so the
+    mask is a table look-up and one signed comparison (no int64 temporaries per element)."""
+    ranks = torch.arange(n, dtype=torch.int64, device=device).reshape(1, n)
+    return (keep_ladder(ranks, density, epsilon) - 2**31).to(torch.int32).reshape(n)
+
+
 def della_masks(rows: Sequence[torch.Tensor], ladders: Sequence[Tuple[float, float]], keys: Sequence[int],
-                backend: str) -> List[Optional[torch.Tensor]]:
-    """Keep masks (bool, rows layout) of the models' τ rows; None where the density is 1 (nothing dropped)."""
-    ranked = [i for i, (d, _) in enumerate(ladders) if d < 1]
-    jobs = [RankJob(rows[i], torch.empty(rows[i].shape, dtype=torch.int32, device=rows[i].device)) for i in ranked]
-    words = [UniformsJob(keys[i], torch.empty(rows[i].shape, dtype=torch.int32, device=rows[i].device))
-             for i in ranked]
-    if jobs:
-        dispatch.run("row_rank", jobs, backend)
-        dispatch.run("uniforms", words, backend)
-    masks: List[Optional[torch.Tensor]] = [None] * len(rows)
-    for i, job, u in zip(ranked, jobs, words):
-        masks[i] = (u.out.to(torch.int64) & 0xFFFFFFFF) < keep_ladder(job.out, *ladders[i])
-    return masks
+                backend: str, first: int = 0) -> List[Optional[torch.Tensor]]:
+    """Keep masks (bool, rows layout) of the models' τ rows; None where the density is 1 (nothing dropped).
+    first: the rows' first element in the whole tensor (a row block; a multiple of 128)."""
+    return [None if d >= 1 else _drops(tau, d, e, key, backend, first, _scratch(tau)).logical_not()
+            for tau, (d, e), key in zip(rows, ladders, keys)]
 
 
-def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: str) -> None:
+def _scratch(tau: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Ranks, uniforms, looked-up K (int32) and the drop mask (bool) for τ rows of this shape: allocated once
+    per tensor and reused by each model (fresh pages cost more to write than the operations themselves)."""
+    new = lambda dtype: torch.empty(tau.shape, dtype=dtype, device=tau.device)  # noqa: E731
+    return new(torch.int32), new(torch.int32), new(torch.int32), new(torch.bool)
+
+
+def _drops(tau: torch.Tensor, density: float, epsilon: float, key: int, backend: str, first: int,
+           scratch: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Where τ's entries are dropped: U ≥ K(rank) (bool, in scratch)."""
+    ranks, words, ks, drops = scratch
+    dispatch.run("row_rank", [RankJob(tau, ranks)], backend)
+    dispatch.run("uniforms", [UniformsJob(key, words, first)], backend)
+    torch.index_select(keep_table(tau.shape[1], density, epsilon, tau.device), 0, ranks.view(-1), out=ks.view(-1))
+    return torch.ge(words.bitwise_xor_(-(2**31)), ks, out=drops)
+
+
+def _pruned(slot: Slot, o: DellaOptions, ladders, backend: str, first: int, with_sums: bool, zeros: torch.Tensor):
+    """The models' kept task vectors δᵢ before the rescale (rows layout, accumulation dtype; τᵢ where dᵢ = 1)
+    and, `with_sums`, each pruned model's L1 sums of (τᵢ, δᵢ) (_sparse.l1_sum; else and where dᵢ = 1: None).
+    A model at a time, τᵢ pruned in place; zeros: the accumulation dtype's, of the rows' shape."""
+    base = slot.base.to(zeros.dtype)
+    kept, sums, scratch = [], [], None
+    for i, (x, (d, e)) in enumerate(zip(slot.inputs, ladders)):
+        tau = as_rows(x - base)  # x promoted to acc (base is acc), as acc_tau
+        kept.append(tau)
+        sums.append(None)
+        if d >= 1:
+            continue
+        scratch = scratch or _scratch(tau)
+        before = l1_sum(tau, backend, zeros) if with_sums else None
+        tau.masked_fill_(_drops(tau, d, e, mask_key(o.seed, i, slot.key), backend, first, scratch), 0.0)
+        if with_sums:
+            sums[-1] = torch.stack([before, l1_sum(tau, backend, zeros)])
+    return kept, sums
+
+
+def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: str, first: int = 0,
+                sums=None) -> None:
+    """slot.out from slot's tensors; first and sums when the slot is a row block: its first element in the
+    whole tensor and the whole tensor's L1 sums (else this slot's own)."""
     acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
-    rows = [as_rows(acc_tau(slot, i, acc)) for i in range(len(w))]
-    keys = [mask_key(o.seed, i, slot.key) for i in range(len(w))]
-    masks = della_masks(rows, ladders, keys, backend)
-    zero = torch.zeros((), dtype=acc, device=slot.out.device)
-    kept = [tau if m is None else torch.where(m, tau, zero) for tau, m in zip(rows, masks)]
-    if o.rescale:
-        pruned = [i for i, m in enumerate(masks) if m is not None]
-        factors = l1_factors([rows[i] for i in pruned], [kept[i] for i in pruned], backend)
-        for i, f in zip(pruned, factors):
-            kept[i] = kept[i] * torch.tensor(f, dtype=acc, device=zero.device) if f != 1.0 else kept[i]
+    zeros = torch.zeros(as_rows(slot.out).shape, dtype=acc, device=slot.out.device)
+    kept, own = _pruned(slot, o, ladders, backend, first, o.rescale and sums is None, zeros)
+    for i, s in enumerate(own if sums is None else sums):
+        f = 1.0 if s is None else l1_factor(s)
+        if f != 1.0:
+            kept[i].mul_(torch.tensor(f, dtype=kept[i].dtype, device=kept[i].device))
     deltas = [from_rows(k, slot.out.shape).contiguous() for k in kept]
-    gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
+    gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend, zeros=zeros)
 
 
 @torch.no_grad()
@@ -150,17 +185,22 @@ def della(base, inputs, *, weights: Optional[Sequence[float]] = None,
     task-vector entry with probability (d−ε) + 2ε·(its magnitude rank)/(n−1), rescale to the task vector's
     L1 norm (`rescale`), then θ0 + λ·Σ agreeᵢ·wᵢδᵢ / Σ agreeᵢ·wᵢ (`consensus`, `normalize`) or θ0 +
     λ·Σ wᵢδᵢ / Σ wᵢ (della_linear: consensus=False, normalize as wished). `scaling` is mergekit's λ; masks are
-    keyed by (seed, model index, tensor name). Tensor by tensor: N task vectors of one tensor are held."""
+    keyed by (seed, model index, tensor name). Tensor by tensor: N task vectors of one tensor are held
+    (`fusedmerge merge` merges a tensor over its budget in row blocks: the module's RowBlocks)."""
     o = DellaOptions(weights, density, epsilon, scaling, normalize, consensus, rescale, seed, name, out_dtype)
+    forms, merged, slots, w, ladders = _prepared(o, base, inputs)
+    for slot in slots:
+        _della_slot(slot, o, w, ladders, backend)
+    return forms.wrap(merged)
+
+
+def _prepared(o: DellaOptions, base, inputs):
+    """(forms, merged, non-empty slots, weights, ladders) of a della call."""
     forms = gather(inputs, name=o.name)
     base_dict = gather_like(base, forms, "base")
     w = opt.count_weights(o.weights, len(forms.dicts), normalise=False)
-    ladders = o.ladders(len(w))
     merged, slots = prepare(forms, base_dict, o.out_dtype)
-    for slot in slots:
-        if slot.out.numel():
-            _della_slot(slot, o, w, ladders, backend)
-    return forms.wrap(merged)
+    return forms, merged, [s for s in slots if s.out.numel()], w, o.ladders(len(w))
 
 
 def della_reference(base, inputs, **options):
@@ -175,13 +215,63 @@ DELLA_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ, before the vote"
                       "epsilon": Param("number", 0.15, doc="keep probabilities span density ± epsilon by rank")}
 
 
+def _mergekit_options(call: GroupCall, method: ConfigMethod, consensus: bool) -> DellaOptions:
+    return DellaOptions(tuple(call.weights), tuple(1.0 if d is None else d for d in call.densities),
+                        tuple(call.model_values("epsilon", method)), call.param("lambda", method),
+                        call.param("normalize", method), consensus, call.param("rescale", method), call.seed,
+                        call.name, call.out_dtype)
+
+
 def _mergekit_della(call: GroupCall, method: ConfigMethod, consensus: bool):
-    return della(call.base, call.models, weights=call.weights,
-                 density=[1.0 if d is None else d for d in call.densities],
-                 epsilon=call.model_values("epsilon", method), scaling=call.param("lambda", method),
-                 normalize=call.param("normalize", method), consensus=consensus,
-                 rescale=call.param("rescale", method), seed=call.seed, name=call.name, out_dtype=call.out_dtype,
-                 backend=call.backend)
+    o = _mergekit_options(call, method, consensus)
+    forms, merged, slots, w, ladders = _prepared(o, call.base, call.models)
+    for slot in slots:
+        _della_slot(slot, o, w, ladders, call.backend)
+    return forms.wrap(merged)
+
+
+# Row blocks: ranks are per row, so a block of whole rows (2-D tensors; other shapes are one block) draws its
+# masks alone, from the uniforms of its elements' indices in the whole tensor (UniformsJob.first; blocks of
+# whole 128-element Philox groups). Only the L1 rescale needs the whole tensor: a first pass adds up each
+# block's l1_sums (exact integer sums for fp32 accumulation, so bit for bit the whole tensor's; fp64 models'
+# fp64 sums are added in block order, within an ulp or two of the whole tensor's), then the merge pass draws
+# each block's masks again and rescales by the whole tensor's factors.
+
+
+def _block(call: GroupCall, span: Span, method: ConfigMethod, consensus: bool):
+    """(options, merged, slots, weights, ladders) of a row block, its tensors viewed as rows."""
+    name, base, inputs = call.block()
+    rows = (lambda t: t.reshape(-1, span.shape[1])) if len(span.shape) == 2 else (lambda t: t.reshape(span.shape))
+    o = _mergekit_options(call, method, consensus)
+    _, merged, slots, w, ladders = _prepared(o, {name: rows(base)}, [{name: rows(x)} for x in inputs])
+    return o, merged, slots, w, ladders
+
+
+def _block_sums(call: GroupCall, span: Span, method: ConfigMethod, consensus: bool):
+    """Each model's L1 sums of one block (None: no rescale, or nothing pruned)."""
+    o, _, slots, w, ladders = _block(call, span, method, consensus)
+    if not o.rescale or not slots or all(d >= 1 for d, _ in ladders):
+        return None
+    slot = slots[0]
+    acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
+    zeros = torch.zeros(as_rows(slot.out).shape, dtype=acc, device=slot.out.device)
+    return _pruned(slot, o, ladders, call.backend, span.first, True, zeros)[1]
+
+
+def _add_sums(total, part):
+    return None if total is None else [a if a is None else a + b for a, b in zip(total, part)]
+
+
+def _block_merge(call: GroupCall, span: Span, sums, method: ConfigMethod, consensus: bool):
+    o, merged, slots, w, ladders = _block(call, span, method, consensus)
+    for slot in slots:
+        _della_slot(slot, o, w, ladders, call.backend, span.first, sums)
+    return {k: v.reshape(-1) for k, v in merged.items()}
+
+
+def _align(shape, call) -> int:
+    """Whole rows of whole Philox groups (2-D); other shapes in one block."""
+    return math.lcm(shape[1], GROUP) if len(shape) == 2 else math.prod(shape)
 
 
 def _della_config(name: str, consensus: bool, normalize: bool, doc: str) -> ConfigMethod:
@@ -190,6 +280,8 @@ def _della_config(name: str, consensus: bool, normalize: bool, doc: str) -> Conf
         global_params={**GTA_PARAMS, "normalize": Param("bool", normalize, doc="divide by the (agreeing) Σ wᵢ"),
                        "rescale": Param("bool", True, doc="keep each task vector's L1 norm")},
         merge=lambda call: _mergekit_della(call, method, consensus), doc=doc,
+        blocks=RowBlocks(passes=(BlockPass(lambda call, span, _: _block_sums(call, span, method, consensus), _add_sums),),
+                         merge=lambda call, span, sums: _block_merge(call, span, sums, method, consensus), align=_align),
         check=lambda models: DellaOptions(density=[m.get("density", 1.0) for m in models] or 1.0,
                                           epsilon=[m.get("epsilon", 0.15) for m in models] or 0.15))
     return method

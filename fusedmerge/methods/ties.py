@@ -31,7 +31,8 @@ from .. import options as opt
 from .._forms import gather, gather_like, prepare
 from ..philox import GROUP, drop_threshold, mask_key
 from ..reference import CombineJob, TiesSpec
-from ._spec import REQUIRED, BlockPass, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
+from ._sparse import radix_passes
+from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
 from .dare import DARE_MODEL_PARAMS, one_density
 from .task_arithmetic import GTA_PARAMS
 
@@ -150,53 +151,20 @@ def _mergekit_options(call: GroupCall, random: bool) -> TiesOptions:
     return TiesOptions(density=tuple(1.0 if d is None else d for d in call.densities), **common)
 
 
-# Row blocks (RowBlocks): the trim thresholds are the exact k-th largest |τᵢ| bits of the whole tensor,
-# selected digit by digit (16 bits per pass, most significant first) from histograms of the blocks summed as
-# integers — a radix selection, exact and independent of the blocks; 32-bit magnitudes (fp32 accumulation)
-# skip the two upper digits. Then each block is merged with those thresholds (DARE-TIES: its masks keyed
-# by the elements' indices in the whole tensor).
-DIGIT = 16
-SELECT_CHUNK = 1 << 18  # elements whose magnitudes are histogrammed at once
+# Row blocks (RowBlocks): the trim thresholds are the exact k-th largest |τᵢ| bits of the whole tensor, by the
+# radix selection over blocks of _sparse.radix_passes; then each block is merged with those thresholds
+# (DARE-TIES: its masks keyed by the elements' indices in the whole tensor).
 
 
-def _digit_pass(d: int) -> BlockPass:
-    shift = DIGIT * d
-
-    def partial(call: GroupCall, span: Span, stats):
-        _, base, inputs = call.block()
-        o = _mergekit_options(call, random=False)
-        ks = stats[1] if stats else [kept_count(x, math.prod(span.shape), o.k_rule) for x in o.densities(len(inputs))]
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
-        if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
-            return ks, None  # integer tensors are not trimmed; 32-bit magnitudes have no upper digits
-        hists = torch.zeros((len(inputs), 1 << DIGIT), dtype=torch.int64, device=base.device)
-        for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
-            b = base[start:start + SELECT_CHUNK].to(acc)
-            for m, x in enumerate(inputs):
-                bits = reference.magnitude_bits(x[start:start + SELECT_CHUNK].to(acc) - b)
-                if stats:
-                    bits = bits[(bits >> (shift + DIGIT)) == (stats[0][m] >> (shift + DIGIT))]
-                hists[m] += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << DIGIT)
-        return ks, hists
-
-    def finish(total, stats):
-        ks, hists = total
-        prefixes = list(stats[0]) if stats else [0] * len(ks)
-        if hists is None:
-            return prefixes, ks
-        ks = list(ks)
-        for m, h in enumerate(hists):
-            above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[g]: count with digit ≥ g
-            g = int(torch.nonzero(above >= ks[m]).max())
-            prefixes[m] |= g << shift
-            ks[m] -= int(above[g]) - int(h[g])
-        return prefixes, ks
-
-    return BlockPass(partial, lambda a, b: (a[0], None if a[1] is None else a[1] + b[1]), finish)
+def _trims(call: GroupCall, span: Span):
+    """(ks, models) of the trim: each model's kept count in the whole tensor."""
+    o = _mergekit_options(call, random=False)
+    n = len(call.models)
+    return [kept_count(x, math.prod(span.shape), o.k_rule) for x in o.densities(n)], list(range(n))
 
 
 TIES_BLOCKS = RowBlocks(
-    passes=tuple(_digit_pass(d) for d in (3, 2, 1, 0)),
+    passes=radix_passes(_trims),
     merge=lambda call, span, stats: _ties(_mergekit_options(call, random=False), call.base, call.models,
                                           backend=call.backend, thresholds=stats[0]))
 DARE_TIES_BLOCKS = RowBlocks(
