@@ -10,8 +10,6 @@
 // in fp32 (fp64 when an input is fp64). Work is split into fixed chunks over all tensors, so mixed
 // shapes balance across threads; each chunk keeps its accumulator in L1 and streams every input once.
 // Short chunks keep the N input streams interleaved finely, which the hardware prefetchers follow best.
-// fp32 outputs of launches that write ≥ kStreamBytes are stored by streaming stores (same values, no read
-// for ownership).
 #include "combine_cpu.h"
 
 #include <omp.h>
