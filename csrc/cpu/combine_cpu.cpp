@@ -13,13 +13,8 @@
 #include "combine_cpu.h"
 
 #include <omp.h>
-#if defined(__SSE__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
-#include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "../common/numerics.h"
@@ -44,43 +39,9 @@ void fold(Acc* __restrict acc, const void* src, const Acc* __restrict b, Acc c, 
   }
 }
 
-// Outputs at least this large bypass the caches (streaming stores, no read for ownership): they cannot
-// stay cached for whoever reads them next, and reading each line before overwriting it costs one more pass.
-constexpr int64_t kStreamBytes = int64_t{64} << 20;
-
-#if defined(__AVX512F__)
-constexpr int64_t kStreamAlign = 64;
-inline void stream_f32(float* o, const float* v) { _mm512_stream_ps(o, _mm512_load_ps(v)); }
-#elif defined(__AVX__)
-constexpr int64_t kStreamAlign = 32;
-inline void stream_f32(float* o, const float* v) { _mm256_stream_ps(o, _mm256_load_ps(v)); }
-#elif defined(__SSE__)
-constexpr int64_t kStreamAlign = 16;
-inline void stream_f32(float* o, const float* v) { _mm_stream_ps(o, _mm_load_ps(v)); }
-#endif
-
-// o[0, n) = acc (+ b) in fp32 by streaming stores where o is aligned; false (nothing written) otherwise.
-inline bool store_streaming(float* o, float* __restrict acc, const float* __restrict b, bool has_base, int64_t n) {
-#if defined(__SSE__)
-  if (reinterpret_cast<uintptr_t>(o) % kStreamAlign != 0) return false;
-  if (has_base)
-    for (int64_t j = 0; j < n; ++j) acc[j] = b[j] + acc[j];
-  constexpr int64_t w = kStreamAlign / sizeof(float);
-  int64_t j = 0;
-  for (; j + w <= n; j += w) stream_f32(o + j, acc + j);
-  for (; j < n; ++j) o[j] = acc[j];
-  return true;
-#else
-  return false;
-#endif
-}
-
 template <typename Acc, typename T>
-void store(void* dst, Acc* __restrict acc, const Acc* __restrict b, bool has_base, int64_t n, bool stream) {
+void store(void* dst, const Acc* __restrict acc, const Acc* __restrict b, bool has_base, int64_t n) {
   T* o = static_cast<T*>(dst);
-  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, float>) {
-    if (stream && store_streaming(o, acc, b, has_base, n)) return;
-  }
   if (has_base) {
     for (int64_t j = 0; j < n; ++j) narrow(b[j] + acc[j], o + j);
   } else {
@@ -99,7 +60,7 @@ void fold_input(bool first, int64_t dt, Acc* acc, const void* x, const Acc* b, A
 }
 
 template <typename Acc>
-void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n, bool stream) {
+void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n) {
   alignas(64) Acc acc[kChunk];
   alignas(64) Acc b[kChunk];
   alignas(64) uint32_t words[kChunk];
@@ -123,32 +84,19 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t
     }
   }
   char* o = static_cast<char*>(row.out()) + start * dtype_size(row.out_dtype());
-  dispatch_dtype(row.out_dtype(),
-                 [&](auto tag) { store<Acc, typename decltype(tag)::type>(o, acc, b, has_base, n, stream); });
+  dispatch_dtype(row.out_dtype(), [&](auto tag) { store<Acc, typename decltype(tag)::type>(o, acc, b, has_base, n); });
 }
 
 }  // namespace
 
 void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
-  int64_t out_bytes = 0;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    const TableRow row(table, n_inputs, t);
-    out_bytes += row.numel() * dtype_size(row.out_dtype());
-  }
-  const bool stream = out_bytes >= kStreamBytes;
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < chunks.total(); ++g) {
-      const ChunkGrid::Span c = chunks[g];
-      const TableRow row(table, n_inputs, c.row);
-      if (row.accumulates_in_f64(n_inputs)) combine_chunk<double>(row, n_inputs, c.start, c.n, stream);
-      else combine_chunk<float>(row, n_inputs, c.start, c.n, stream);
-    }
-#if defined(__SSE__)
-    if (stream) _mm_sfence();  // the streamed lines are visible to every thread after the region
-#endif
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < chunks.total(); ++g) {
+    const ChunkGrid::Span c = chunks[g];
+    const TableRow row(table, n_inputs, c.row);
+    if (row.accumulates_in_f64(n_inputs)) combine_chunk<double>(row, n_inputs, c.start, c.n);
+    else combine_chunk<float>(row, n_inputs, c.start, c.n);
   }
 }
 
