@@ -28,8 +28,8 @@ fp32 (and bf16/fp16) products are exact in fp64, so FMA contraction could not ch
 round once and the kernels are built without contraction. Against the plain fp64 sum the tree's error is
 O(log₂ n · ε₆₄) relative to Σ|products| — far below what any fp32 merge can see. A fixed tree was chosen
 over Kahan or exact (superaccumulator) sums because it vectorises on CPUs and GPUs (a reshape + pairwise
-add in Triton, stride-2 adds in C++) and its determinism needs no atomics; it costs one fp64 per chunk and
-pair of scratch.
+add in Triton, vertical vector adds after a transpose in C++) and its determinism needs no atomics; it
+costs one fp64 per chunk and pair of scratch.
 """
 
 from __future__ import annotations

@@ -57,6 +57,13 @@ for f in calls:
     got, want = f("cpu"), f("torch")
     assert all(torch.equal(got[k].view(torch.int16 if got[k].dtype == torch.bfloat16 else torch.int32),
                            want[k].view(torch.int16 if want[k].dtype == torch.bfloat16 else torch.int32)) for k in got)
+from fusedmerge import dispatch
+from fusedmerge.reductions import DotsJob, DotsSpec
+jobs = [DotsJob([m[k] for m in models], base[k]) for k in base] + [DotsJob([m["v"][:n] for m in models])
+                                                                  for n in (1, 5, 17, 100, 257, 1000, 2100)]
+spec = DotsSpec(((0, 1), (0, 2), (1, 1)))  # the dots kernel's vector lanes, reused and single inputs
+assert all(torch.equal(a.view(torch.int64), b.view(torch.int64))
+           for a, b in zip(dispatch.run("dots", jobs, "cpu", spec), dispatch.run("dots", jobs, "torch", spec)))
 print(_cpu.isa())
 """
 
