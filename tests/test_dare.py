@@ -50,6 +50,8 @@ def test_low_half_decides_where_the_high_half_ties(backend):
 def test_backends_equal_reference_on_vit_b32_block(clip_b32_as, backend, dtype):
     base, models = clip_b32_as(dtype)
     keys = [k for k in base if "embeddings" in k or "layers.0.self_attn.q" in k or "layers.0.layer_norm" in k]
+    if backend == "triton":  # the interpreter runs the 2.4M-element patch embedding in ~20 s: its shapes suffice
+        keys = [k for k in keys if "patch_embedding" not in k]
     pick = lambda sd: {k: sd[k] for k in keys}  # noqa: E731
     base, models = pick(base), [pick(m) for m in models]
     for kwargs in (dict(p=0.9, scaling=1 / 8), dict(p=0.5, weights=[1, 2, 3, 4, 5, 6, 7, 8], linear_only=True, seed=3)):

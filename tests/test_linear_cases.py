@@ -131,7 +131,8 @@ def test_out_writes_in_place_and_may_alias_an_input(backend, clip_tiny):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_many_inputs_and_tensors_in_one_launch(backend):
-    ms = [{f"t{i}": torch.full((i + 1,), float(j)) for i in range(150)} for j in range(20)]
+    tensors = 40 if backend == "triton" else 150  # the interpreter pays per tile: 40 tensors still share a launch
+    ms = [{f"t{i}": torch.full((i + 1,), float(j)) for i in range(tensors)} for j in range(20)]
     got = fusedmerge.average(ms, backend=backend)
     assert_dicts_equal(got, fusedmerge.average(ms, backend="torch"))
     assert torch.allclose(got["t3"], torch.full((4,), 9.5))
