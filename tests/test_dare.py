@@ -49,9 +49,12 @@ def test_low_half_decides_where_the_high_half_ties(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_backends_equal_reference_on_vit_b32_block(clip_b32_as, backend, dtype):
     base, models = clip_b32_as(dtype)
-    keys = [k for k in base if "embeddings" in k or "layers.0.self_attn.q" in k or "layers.0.layer_norm" in k]
-    if backend == "triton":  # the interpreter runs the 2.4M-element patch embedding in ~20 s: its shapes suffice
-        keys = [k for k in keys if "patch_embedding" not in k]
+    # the embeddings but the 2.4M-element patch convolution (the torch reference's Philox takes ~20 s on it;
+    # 4-D tensors against the reference: clip_tiny's, below), a 768² projection, the layer norms
+    keys = [k for k in base if ("embeddings" in k and "patch" not in k) or "layers.0.self_attn.q" in k
+            or "layers.0.layer_norm" in k]
+    if backend == "triton":  # the interpreter: 2-D shapes from the position embedding, the 768² weight on the CPU
+        keys = [k for k in keys if k != "vision_model.encoder.layers.0.self_attn.q_proj.weight"]
     pick = lambda sd: {k: sd[k] for k in keys}  # noqa: E731
     base, models = pick(base), [pick(m) for m in models]
     for kwargs in (dict(p=0.9, scaling=1 / 8), dict(p=0.5, weights=[1, 2, 3, 4, 5, 6, 7, 8], linear_only=True, seed=3)):
