@@ -325,3 +325,24 @@ def test_a_refused_file_is_named_in_the_cli_error(tmp_path, capsys):
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "shape [2.5, 2]" in err and not os.path.exists(tmp_path / "out")
+
+
+def test_prefetch_and_release_advise_the_mapped_pages_and_report_errors(tmp_path):
+    """madvise runs through libc with the GIL released (checkpoint/safetensors.py); the pages it populates and
+    drops still read as the file's values, and an advice the kernel refuses is an OSError (prefetch's
+    fallback to WILLNEED relies on it), never a silent no-op."""
+    from fusedmerge.checkpoint import safetensors as st
+
+    x = torch.arange(300_000, dtype=torch.float32).reshape(600, 500)
+    write_file(str(tmp_path / "a.safetensors"), {"x": x, "y": x[:3].clone()})
+    f = SafetensorsFile(str(tmp_path / "a.safetensors"))
+    try:
+        f.prefetch(["x", "y"])
+        assert torch.equal(f.tensor("x"), x)
+        f.release(["x"])
+        assert torch.equal(f.tensor("x"), x) and torch.equal(f.tensor("y"), x[:3])
+        if st.LIBC_MADVISE is not None:
+            with pytest.raises(OSError):
+                f._advise(["x"], 12345)
+    finally:
+        f.close()

@@ -10,6 +10,7 @@ what has been read.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -33,6 +34,20 @@ NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^][{}"]+')  # strings, and runs
 BRACKETS = str.maketrans("{[}]", "\x01\x01\xff\xff", '"')  # +1 and -1 as signed bytes
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes, which releases the GIL during the call (mmap.madvise holds it: a
+    prefetch thread populating a group's pages would stall the merging thread for as long), or None."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f
+
+
+LIBC_MADVISE = _libc_madvise()
 
 
 class CheckpointError(ValueError):
@@ -209,12 +224,25 @@ class SafetensorsFile:
     def _advise(self, names: Sequence[str], advice: int, span: Optional[Tuple[int, int]] = None) -> None:
         if self._map is None:
             return
+        ranges = []
         for name in names:
             e = self.entries[name]
             begin, end = (e.begin, e.end) if span is None else (e.begin + span[0], min(e.begin + span[1], e.end))
             start = begin - begin % PAGE
             if end > start:
-                self._map.madvise(advice, start, end - start)
+                ranges.append((start, end - start))
+        if LIBC_MADVISE is None or not ranges:
+            for start, length in ranges:
+                self._map.madvise(advice, start, length)
+            return
+        view = (ctypes.c_char * len(self._map)).from_buffer(self._map)  # the map's address; no copy
+        try:
+            for start, length in ranges:
+                if LIBC_MADVISE(ctypes.addressof(view) + start, length, advice) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+        finally:
+            del view
 
     def prefetch(self, names: Sequence[str]) -> bool:
         """Read these tensors' pages and map them now (MADV_POPULATE_READ, Linux ≥ 5.14), so that using them
