@@ -11,6 +11,10 @@ Per tensor (n entries) and model, in the accumulation dtype (fp32; fp64 for fp64
     δ ·= ‖τ‖₁/‖δ‖₁ with `rescale` (mergekit's L1 option, off by default)
     then the generalized-task-arithmetic tail of _sparse.py (breadcrumbs_ties: TIES's sign vote)
 
+Once the thresholds (and the L1 sums, added up chunk by chunk) are known every output element depends on
+its own inputs only, so a tensor is merged 2²⁰ elements at a time (CHUNK): its fp32 task vectors, bands
+and vote are never held whole.
+
 Entries equal to a threshold are all kept (mergekit keeps those its argsort puts inside the band: the same
 set unless magnitudes tie at a threshold, where its choice is the sort's).
 """
@@ -110,10 +114,7 @@ def _kept(slot: Slot, pairs, n: int, thresholds) -> Iterator[Tuple[torch.Tensor,
         yield tau, kept
 
 
-# Elements merged at once: after the band's thresholds (and the L1 sums) of the whole slot, every output
-# element depends on its own inputs only, so the fp32 task vectors, bands and vote of one chunk are held at a
-# time instead of the whole tensor's (the same bits: tests/test_breadcrumbs.py).
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # elements merged at once (the module docstring; same bits: tests/test_breadcrumbs.py)
 
 
 def _chunks(slot: Slot, step: int) -> List[Slot]:
