@@ -120,7 +120,7 @@ CHUNK = 1 << 20  # elements merged at once (the module docstring; same bits: tes
 def _chunks(slot: Slot, step: int) -> List[Slot]:
     """slot as consecutive 1-D slots of `step` elements (the last one what remains)."""
     flat = lambda t: t.reshape(-1)  # noqa: E731
-    out, inputs, base = flat(slot.out), [flat(x) for x in slot.inputs], flat(slot.base)
+    out, inputs, base = slot.out.view(-1), [flat(x) for x in slot.inputs], flat(slot.base)  # out: written
     return [Slot(slot.key, out[a:a + step], [x[a:a + step] for x in inputs], base[a:a + step])
             for a in range(0, out.numel(), step)]
 
