@@ -105,3 +105,21 @@ def test_mergekit_plugin_takes_per_model_gamma():
         plugin.uninstall()
     want = mk_api.merge_state_dicts(sds, "breadcrumbs_ties", parameters=params, base="base")
     torch.testing.assert_close(got["w"], want["w"], rtol=4e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_chunks_merge_the_whole_tensors_bits(monkeypatch, dtype):
+    """A tensor merged CHUNK elements at a time (uneven last chunk) equals the tensor merged in one chunk,
+    bit for bit, with the L1 rescale and with the vote; a transposed (non-contiguous) base is taken too."""
+    from fusedmerge.methods import breadcrumbs as module
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(29, 37, generator=g).to(dtype).t()
+    models = [base + 0.1 * torch.randn(37, 29, generator=g).to(dtype) for _ in range(3)]
+    for options in ({"consensus": True, "normalize": True, "rescale": True}, {"rescale": True}):
+        kw = dict(weights=W, density=[0.5, 0.3, 1.0], gamma=[0.05, 0.1, 0.01], scaling=0.8, backend="cpu", **options)
+        monkeypatch.setattr(module, "CHUNK", 1 << 30)
+        whole = fusedmerge.breadcrumbs(base, models, **kw)
+        monkeypatch.setattr(module, "CHUNK", 100)
+        chunked = fusedmerge.breadcrumbs(base, models, **kw)
+        assert torch.equal(whole.view(torch.uint8), chunked.view(torch.uint8)), options

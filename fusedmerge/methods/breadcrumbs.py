@@ -11,6 +11,10 @@ Per tensor (n entries) and model, in the accumulation dtype (fp32; fp64 for fp64
     δ ·= ‖τ‖₁/‖δ‖₁ with `rescale` (mergekit's L1 option, off by default)
     then the generalized-task-arithmetic tail of _sparse.py (breadcrumbs_ties: TIES's sign vote)
 
+Once the thresholds (and the L1 sums, added up chunk by chunk) are known every output element depends on
+its own inputs only, so a tensor is merged 2²⁰ elements at a time (CHUNK): its fp32 task vectors, bands
+and vote are never held whole.
+
 Entries equal to a threshold are all kept (mergekit keeps those its argsort puts inside the band: the same
 set unless magnitudes tie at a threshold, where its choice is the sort's).
 """
@@ -81,15 +85,21 @@ def _selections(n: int, pairs) -> Tuple[List[int], List[int]]:
     return [hi for hi, _ in bands] + [lo for _, lo in bands], pruned * 2
 
 
-def _kept(slot: Slot, pairs, n: int, thresholds, backend: str) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Per model (τ, its band; None where d ≥ 1) in the accumulation dtype; thresholds: the bits of
-    _selections (None: selected here over the slot, one `select` launch)."""
-    acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
+def _thresholds(slot: Slot, pairs, n: int, backend: str):
+    """The bits of _selections over the whole slot (one `select` launch; None when nothing is pruned)."""
     ks, models = _selections(n, pairs)
-    if thresholds is None and ks:
-        spec = TiesSpec(weights=[1.0] * len(ks), scaling=1.0, ks=[ks])
-        job = CombineJob(slot.out, [slot.inputs[m] for m in models], spec.weights, slot.base)
-        thresholds = dispatch.run("select", [job], backend, spec)[0].tolist()
+    if not ks:
+        return None
+    spec = TiesSpec(weights=[1.0] * len(ks), scaling=1.0, ks=[ks])
+    job = CombineJob(slot.out, [slot.inputs[m] for m in models], spec.weights, slot.base)
+    return dispatch.run("select", [job], backend, spec)[0].tolist()
+
+
+def _kept(slot: Slot, pairs, n: int, thresholds) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Per model (τ, its band; None where d ≥ 1) in the accumulation dtype; thresholds: the bits of
+    _selections (_thresholds) in a tensor of n entries."""
+    acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
+    _, models = _selections(n, pairs)
     base = slot.base.to(acc)
     half = len(models) // 2
 
@@ -104,17 +114,43 @@ def _kept(slot: Slot, pairs, n: int, thresholds, backend: str) -> Iterator[Tuple
         yield tau, kept
 
 
+CHUNK = 1 << 20  # elements merged at once (the module docstring; same bits: tests/test_breadcrumbs.py)
+
+
+def _chunks(slot: Slot, step: int) -> List[Slot]:
+    """slot as consecutive 1-D slots of `step` elements (the last one what remains)."""
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    out, inputs, base = slot.out.view(-1), [flat(x) for x in slot.inputs], flat(slot.base)  # out: written
+    return [Slot(slot.key, out[a:a + step], [x[a:a + step] for x in inputs], base[a:a + step])
+            for a in range(0, out.numel(), step)]
+
+
+def _sums(slot: Slot, pairs, n: int, thresholds, backend: str) -> List[Optional[torch.Tensor]]:
+    """Per model l1_sums (None where d ≥ 1) of slot, chunk by chunk: fp32's are exact integer sums, so the
+    chunks' add up to the slot's bits; fp64's are not, and are taken over the whole slot."""
+    acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
+    chunks = _chunks(slot, slot.out.numel() if acc == torch.float64 else CHUNK)
+    parts = [[None if kept is None else l1_sums(tau, kept, backend) for tau, kept in _kept(c, pairs, n, thresholds)]
+             for c in chunks]
+    return [None if s[0] is None else sum(s[1:], s[0]) for s in zip(*parts)]
+
+
 def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, backend: str, n: Optional[int] = None,
                       thresholds=None, sums=None) -> None:
-    """slot.out from slot's tensors; n, thresholds and sums when the slot is a row block: the whole tensor's
-    size, band thresholds and L1 sums (else the slot's own)."""
-    deltas = []
-    for i, (tau, kept) in enumerate(_kept(slot, pairs, slot.out.numel() if n is None else n, thresholds, backend)):
-        if kept is not None and o.rescale:
-            f = l1_factor(l1_sums(tau, kept, backend) if sums is None else sums[i])
-            kept = kept.mul_(torch.tensor(f, dtype=kept.dtype, device=kept.device)) if f != 1.0 else kept
-        deltas.append(tau if kept is None else kept)
-    gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend)
+    """slot.out from slot's tensors, CHUNK elements at a time; n, thresholds and sums when the slot is a row
+    block: the whole tensor's size, band thresholds and L1 sums (else the slot's own)."""
+    n = slot.out.numel() if n is None else n
+    thresholds = _thresholds(slot, pairs, n, backend) if thresholds is None else thresholds
+    if o.rescale and sums is None:
+        sums = _sums(slot, pairs, n, thresholds, backend)
+    factors = [1.0 if s is None else l1_factor(s) for s in (sums if o.rescale else [None] * len(pairs))]
+    for chunk in _chunks(slot, CHUNK):
+        deltas = []
+        for (tau, kept), f in zip(_kept(chunk, pairs, n, thresholds), factors):
+            if kept is not None and f != 1.0:
+                kept = kept.mul_(torch.tensor(f, dtype=kept.dtype, device=kept.device))
+            deltas.append(tau if kept is None else kept)
+        gta_tail(chunk, deltas, w, o.scaling, o.normalize, o.consensus, backend)
 
 
 @torch.no_grad()
@@ -189,8 +225,7 @@ def _block_sums(call: GroupCall, span: Span, stats, method: ConfigMethod, consen
         return None
     _, _, slots, _, pairs = _prepared(o, call.base, call.models)
     n = math.prod(span.shape)
-    return [None if kept is None else l1_sums(tau, kept, call.backend)
-            for slot in slots for tau, kept in _kept(slot, pairs, n, stats[0], call.backend)]
+    return [s for slot in slots for s in _sums(slot, pairs, n, stats[0], call.backend)]
 
 
 def _add_sums(total, part):
