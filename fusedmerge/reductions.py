@@ -20,8 +20,8 @@ fp64 values, so commutativity is all that is needed), and a zero result is retur
 subtree of that tree is the tree of an aligned power-of-two chunk, and padding a tree with a zero half only
 adds +0 at the root (which changes nothing but the sign of a zero, canonicalised to +0), so:
 - a kernel may sum chunks of any power-of-two size (CPU 1024, Triton on GPU 1024, in the interpreter 2¹⁶)
-  by the tree and hand the chunk sums to `tree_sum` (the same tree over the chunks, shared Python code run
-  as torch ops on the device) — every backend gives the same bits;
+  by the tree, then add each row's chunk sums by the same tree (the C++ CPU kernel in C++; Triton hands
+  them to `tree_sum`, shared Python code run as torch ops on the device) — every backend gives the same bits;
 - a row's sum depends only on its own elements: not on the other jobs of the launch, their order, or how
   the tensors are batched.
 fp32 (and bf16/fp16) products are exact in fp64, so FMA contraction could not change them; fp64 products
@@ -189,7 +189,7 @@ Launch = Callable[[Sequence[DotsJob], torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def run_chunked(jobs: Sequence[DotsJob], spec: DotsSpec, max_chunk: int, launch: Launch) -> List[torch.Tensor]:
-    """What every kernel backend shares: per number of inputs and dtypes, the chunk list, one
+    """What the Triton backend runs around its kernel: per number of inputs and dtypes, the chunk list, one
     launch that writes each chunk's tree sums (`launch(jobs, chunks, pairs, partials [n_chunks, P] fp64,
     acc_f64, chunk)`), then `tree_sum` over each row's chunks. The chunk is the smallest power of two that
     holds the longest row, at most `max_chunk` (any power of two gives the same sums)."""
