@@ -42,11 +42,10 @@ struct RowRankArgs {
 
 struct DotsArgs {
   TableArgs table;
-  uintptr_t chunks = 0;  // int64 [n_chunks, 3]: table row, first element, length (≤ DOTS_CHUNK)
-  int64_t n_chunks = 0;
+  uintptr_t rows = 0;   // int64 [n_tensors]: rows of each table row's tensor (seen as [rows, numel / rows])
   uintptr_t pairs = 0;  // int64 [n_pairs, 2]: input indices (a, c)
   int64_t n_pairs = 0;
-  uintptr_t partials = 0;  // fp64 [n_chunks, n_pairs], written: each chunk's tree sum of u_a·u_c
+  uintptr_t sums = 0;  // fp64 [Σ rows, n_pairs], written: each row's tree sum of u_a·u_c
 };
 
 MergeMode checked(MergeMode merge) {
@@ -167,21 +166,20 @@ PYBIND11_MODULE(_cpu, m) {
       "The 32-bit Philox uniforms of elements first.. (a multiple of 128) of a 64-bit key into out[int32, numel] "
       "(rank_cpu.cpp).");
   py::class_<fm::DotsArgs>(m, "DotsArgs", "Parameters of dots.")
-      .def(py::init([](const TableArgs& table, uintptr_t chunks, int64_t n_chunks, uintptr_t pairs, int64_t n_pairs,
-                       uintptr_t partials) { return fm::DotsArgs{table, chunks, n_chunks, pairs, n_pairs, partials}; }),
-           py::kw_only(), py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("pairs"),
-           py::arg("n_pairs"), py::arg("partials"));
+      .def(py::init([](const TableArgs& table, uintptr_t rows, uintptr_t pairs, int64_t n_pairs, uintptr_t sums) {
+             return fm::DotsArgs{table, rows, pairs, n_pairs, sums};
+           }),
+           py::kw_only(), py::arg("table"), py::arg("rows"), py::arg("pairs"), py::arg("n_pairs"), py::arg("sums"));
   m.attr("DOTS_CHUNK") = fm::kDotsChunk;
   m.def(
       "dots",
       [](const fm::DotsArgs& a) {
-        const fm::DotsParams p{reinterpret_cast<const int64_t*>(a.chunks), a.n_chunks,
-                               reinterpret_cast<const int64_t*>(a.pairs), a.n_pairs,
-                               reinterpret_cast<double*>(a.partials)};
+        const fm::DotsParams p{reinterpret_cast<const int64_t*>(a.rows), reinterpret_cast<const int64_t*>(a.pairs),
+                               a.n_pairs, reinterpret_cast<double*>(a.sums)};
         py::gil_scoped_release release;
         fm::cpu_dots(a.table.rows(), a.table.n_tensors, a.table.n_inputs, p);
       },
-      py::arg("args"), "Per chunk and pair, the pairwise-tree sum of (x_a - b)(x_c - b) (csrc/cpu/dots_cpu.cpp).");
+      py::arg("args"), "Per row and pair, the pairwise-tree sum of (x_a - b)(x_c - b) (csrc/cpu/dots_cpu.cpp).");
   m.def("isa", &fm::cpu_isa, "The kernel variant this CPU runs (baseline, avx2, avx512).");
   m.def("max_threads", &omp_get_max_threads, "OpenMP threads the kernels use.");
 }

@@ -20,8 +20,8 @@ fp64 values, so commutativity is all that is needed), and a zero result is retur
 subtree of that tree is the tree of an aligned power-of-two chunk, and padding a tree with a zero half only
 adds +0 at the root (which changes nothing but the sign of a zero, canonicalised to +0), so:
 - a kernel may sum chunks of any power-of-two size (CPU 1024, Triton on GPU 1024, in the interpreter 2¹⁶)
-  by the tree and hand the chunk sums to `tree_sum` (the same tree over the chunks, shared Python code run
-  as torch ops on the device) — every backend gives the same bits;
+  by the tree, then add each row's chunk sums by the same tree (the C++ CPU kernel in C++; Triton hands
+  them to `tree_sum`, shared Python code run as torch ops on the device) — every backend gives the same bits;
 - a row's sum depends only on its own elements: not on the other jobs of the launch, their order, or how
   the tensors are batched.
 fp32 (and bf16/fp16) products are exact in fp64, so FMA contraction could not change them; fp64 products
@@ -107,7 +107,15 @@ def gram_matrix(sums: torch.Tensor, n: int) -> torch.Tensor:
 
 def tree_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The pairwise tree (module docstring) of consecutive segments of `values` [Σcounts, P] (fp64) with
-    counts[s] ≥ 1 values each: [len(counts), P], zeros as +0. Segments are reduced level by level together."""
+    counts[s] ≥ 1 values each: [len(counts), P], zeros as +0. Segments are reduced level by level together
+    (a missing right child is +0); segments of one length as a [segments, length, P] view."""
+    if counts.numel() and values.shape[0] == counts.numel() * int(counts[0]) and bool((counts == counts[0]).all()):
+        v = values.reshape(counts.numel(), -1, values.shape[1])
+        while v.shape[1] > 1:
+            if v.shape[1] % 2:
+                v = torch.cat([v, torch.zeros_like(v[:, :1])], dim=1)
+            v = v[:, 0::2] + v[:, 1::2]
+        return v[:, 0] + 0.0
     counts = counts.to(values.device)
     while values.shape[0] > counts.numel():
         starts = torch.cumsum(counts, 0) - counts
@@ -136,8 +144,8 @@ def _products(job: DotsJob, pairs) -> torch.Tensor:
 def dots_reference(jobs: Sequence[DotsJob], spec: DotsSpec) -> List[torch.Tensor]:
     """The definition: per job, products in fp64, then the pairwise tree over each row."""
     out = []
+    check_pairs(jobs, spec)
     for job in jobs:
-        _check_pairs(job, spec)
         if job.rows == 0:
             out.append(torch.zeros((0, len(spec.pairs)), dtype=torch.float64, device=job.device))
             continue
@@ -151,10 +159,12 @@ def dots_reference(jobs: Sequence[DotsJob], spec: DotsSpec) -> List[torch.Tensor
     return out
 
 
-def _check_pairs(job: DotsJob, spec: DotsSpec) -> None:
+def check_pairs(jobs: Sequence[DotsJob], spec: DotsSpec) -> None:
+    """A clear error when a pair's index is out of range for a job."""
     top = max(max(a, c) for a, c in spec.pairs)
-    if top >= len(job.inputs):
-        raise ValueError(f"pair index {top} is out of range for a job with {len(job.inputs)} inputs")
+    for job in jobs:
+        if top >= len(job.inputs):
+            raise ValueError(f"pair index {top} is out of range for a job with {len(job.inputs)} inputs")
 
 
 def chunk_list(jobs: Sequence[DotsJob], chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +189,11 @@ Launch = Callable[[Sequence[DotsJob], torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def run_chunked(jobs: Sequence[DotsJob], spec: DotsSpec, max_chunk: int, launch: Launch) -> List[torch.Tensor]:
-    """What every kernel backend shares: per number of inputs and dtypes, the chunk list, one
+    """What the Triton backend runs around its kernel: per number of inputs and dtypes, the chunk list, one
     launch that writes each chunk's tree sums (`launch(jobs, chunks, pairs, partials [n_chunks, P] fp64,
     acc_f64, chunk)`), then `tree_sum` over each row's chunks. The chunk is the smallest power of two that
     holds the longest row, at most `max_chunk` (any power of two gives the same sums)."""
-    for job in jobs:
-        _check_pairs(job, spec)
+    check_pairs(jobs, spec)
     out: List[Optional[torch.Tensor]] = [None] * len(jobs)
     device = jobs[0].device
     pairs = torch.tensor(spec.pairs, dtype=torch.int64)

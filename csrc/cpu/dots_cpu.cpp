@@ -1,12 +1,16 @@
 // Multi-tensor sums of products (the `dots` primitive; definition in fusedmerge/reductions.py), on the
 // CPU, compiled once per ISA level (namespace FM_ISA).
 //
-// For chunk k = (table row t, first element s, length n ≤ kDotsChunk) and pair p = (a, c):
+// Each row of cols elements is cut into aligned chunks of kDotsChunk (the last one short; an empty row is one
+// empty chunk). For chunk k = (table row t, first element s, length n ≤ kDotsChunk) and pair p = (a, c):
 //     u_j[e] = x_j[s + e] − b[s + e]   in fp32 (fp64 when the row has an fp64 tensor); x_j alone without a base
 //     q[e] = double(u_a[e]) · double(u_c[e]) for e < n, +0 up to the next power of two m ≥ n
 //     partials[k, p] = tree(q):  for len = m, m/2, ..., 2:  q[i] = q[2i] + q[2i+1]  (i < len/2);  q[0]
-// an adjacent pairwise tree, each node one IEEE addition (built without FMA contraction), so the chunk sums
-// equal Triton's and the reference's bit for bit. Chunks are independent: one parallel loop, no atomics.
+// then per row, over its chunks' partials v[0..c) zero-padded to a power of two, the same tree, and
+//     sums[row, p] = tree(v) + 0   (a zero as +0)
+// an adjacent pairwise tree, each node one IEEE addition (built without FMA contraction), so the sums equal
+// Triton's and the reference's bit for bit. Chunks are independent: one parallel loop, no atomics; then one
+// parallel loop over the rows' trees.
 //
 // How the tree vectorises: its top log₂L levels add the chunk's L contiguous parts of q = m/L elements
 // (L = fp64 lanes of a vector: 2, 4 with AVX2, 8 with AVX-512), ((P0 + P1) + (P2 + P3)) for L = 4, and
@@ -20,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -157,14 +162,39 @@ void dots_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n,
   }
 }
 
+// The tree over the c ≥ 1 partials v[i * n_pairs + p] of one row, in place (node i of a level overwrites
+// node i of the level below after its children 2i, 2i + 1 ≥ i are read); a missing right child is +0.
+void row_tree(double* v, int64_t c, int64_t n_pairs, double* out) {
+  for (; c > 1; c = (c + 1) / 2)
+    for (int64_t i = 0; i < (c + 1) / 2; ++i)
+      for (int64_t k = 0; k < n_pairs; ++k)
+        v[i * n_pairs + k] = v[2 * i * n_pairs + k] + (2 * i + 1 < c ? v[(2 * i + 1) * n_pairs + k] : 0.0);
+  for (int64_t k = 0; k < n_pairs; ++k) out[k] = v[k] + 0.0;
+}
+
 }  // namespace
 
-void dots(const int64_t* table, int64_t /*n_tensors*/, int64_t n_inputs, const DotsParams& p) {
+void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsParams& p) {
   static_assert(kDotsChunk >= kLanes * kLanes, "a chunk fills the lanes");
   std::vector<int64_t> uses(n_inputs, 0);
   for (int64_t k = 0; k < 2 * p.n_pairs; ++k) ++uses[p.pairs[k]];
   std::vector<uint8_t> reused(n_inputs);
   for (int64_t j = 0; j < n_inputs; ++j) reused[j] = uses[j] > 1;
+  // Per table row: elements per row, chunks per row, and the first chunk and first output row (prefix sums).
+  std::vector<int64_t> cols(n_tensors), per_row(n_tensors), first_chunk(n_tensors + 1, 0), first_row(n_tensors + 1, 0);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t rows = p.rows[t];
+    cols[t] = rows ? TableRow(table, n_inputs, t).numel() / rows : 0;
+    per_row[t] = std::max<int64_t>(1, (cols[t] + kDotsChunk - 1) / kDotsChunk);
+    first_chunk[t + 1] = first_chunk[t] + rows * per_row[t];
+    first_row[t + 1] = first_row[t] + rows;
+  }
+  const int64_t n_chunks = first_chunk[n_tensors], n_rows = first_row[n_tensors];
+  // The table row holding chunk (row) k: the last t with first[t] ≤ k.
+  auto owner = [](const std::vector<int64_t>& first, int64_t k) {
+    return static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), k) - first.begin()) - 1;
+  };
+  std::unique_ptr<double[]> partials(new double[n_chunks * p.n_pairs]);
 #pragma omp parallel
   {
     std::vector<double> u((n_inputs + 1) * kDotsChunk);  // as float for fp32 rows: the first half suffices
@@ -172,16 +202,24 @@ void dots(const int64_t* table, int64_t /*n_tensors*/, int64_t n_inputs, const D
     std::vector<VD> t(kDotsChunk / (kLanes * kLanes));
     std::vector<double> q(kLanes * kLanes / 2), r(kLanes * kLanes / 2);
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < p.n_chunks; ++k) {
-      const int64_t* c = p.chunks + 3 * k;
-      const TableRow row(table, n_inputs, c[0]);
-      double* out = p.partials + k * p.n_pairs;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t tr = owner(first_chunk, k), in_row = (k - first_chunk[tr]) % per_row[tr] * kDotsChunk;
+      const int64_t start = (k - first_chunk[tr]) / per_row[tr] * cols[tr] + in_row;
+      const int64_t n = std::min(kDotsChunk, cols[tr] - in_row);
+      const TableRow row(table, n_inputs, tr);
+      double* out = partials.get() + k * p.n_pairs;
       if (row.accumulates_in_f64(n_inputs))
-        dots_chunk<double>(row, n_inputs, c[1], c[2], p, reused.data(), u.data(), wide.data(), t.data(), q.data(),
+        dots_chunk<double>(row, n_inputs, start, n, p, reused.data(), u.data(), wide.data(), t.data(), q.data(),
                            r.data(), out);
       else
-        dots_chunk<float>(row, n_inputs, c[1], c[2], p, reused.data(), reinterpret_cast<float*>(u.data()), wide.data(),
+        dots_chunk<float>(row, n_inputs, start, n, p, reused.data(), reinterpret_cast<float*>(u.data()), wide.data(),
                           t.data(), q.data(), r.data(), out);
+    }
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < n_rows; ++g) {
+      const int64_t tr = owner(first_row, g);
+      const int64_t first = first_chunk[tr] + (g - first_row[tr]) * per_row[tr];
+      row_tree(partials.get() + first * p.n_pairs, per_row[tr], p.n_pairs, p.sums + g * p.n_pairs);
     }
   }
 }

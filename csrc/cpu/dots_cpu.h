@@ -6,17 +6,17 @@
 
 namespace fm {
 
-// Elements of one chunk of a row (a power of two): chunk sums feed fusedmerge/reductions.py tree_sum.
+// Elements of one chunk of a row (a power of two): each row's chunk sums are added by the same tree.
 constexpr int64_t kDotsChunk = 1024;
 
-// chunks: int64 [n_chunks, 3] (table row, first element, length ≤ kDotsChunk); pairs: int64 [n_pairs, 2];
-// partials: fp64 [n_chunks, n_pairs], written.
+// rows: int64 [n_tensors], the rows of each table row's tensor (numel / rows elements each, rows = 0 only
+// for an empty tensor); pairs: int64 [n_pairs, 2]; sums: fp64 [Σ rows, n_pairs], written table row by table
+// row, row by row.
 struct DotsParams {
-  const int64_t* chunks;
-  int64_t n_chunks;
+  const int64_t* rows;
   const int64_t* pairs;
   int64_t n_pairs;
-  double* partials;
+  double* sums;
 };
 
 #define FM_DECLARE_CPU_DOTS(ns)                                                              \

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .. import _cpu
-from ..reductions import DotsJob, DotsSpec, run_chunked
+from ..reductions import DotsJob, DotsSpec, check_pairs
 from ..reference import CombineJob, RankJob, TiesSpec, UniformsJob
 from ._table import MERGE_CODES, build_table
 
@@ -79,14 +79,23 @@ def uniforms(jobs: Sequence[UniformsJob]) -> None:
         _cpu.uniforms(key=job.key, numel=job.out.numel(), out=job.out.data_ptr(), first=job.first)
 
 
-def dots(jobs: Sequence[DotsJob], spec: DotsSpec):
-    """reductions.dots_reference's sums: one OpenMP launch per accumulation dtype writes each chunk's tree sums."""
-
-    def launch(group, chunks, pairs, partials, acc_f64, chunk):
-        table, keep = build_table([j.as_combine() for j in group])
-        _cpu.dots(_cpu.DotsArgs(table=_table_args(table, len(group[0].inputs)), chunks=chunks.data_ptr(),
-                                n_chunks=chunks.shape[0], pairs=pairs.data_ptr(), n_pairs=pairs.shape[0],
-                                partials=partials.data_ptr()))
+def dots(jobs: Sequence[DotsJob], spec: DotsSpec) -> List[torch.Tensor]:
+    """reductions.dots_reference's sums: one OpenMP launch per number of inputs writes each row's sums (the
+    chunks' tree sums and each row's tree over them, in C++)."""
+    check_pairs(jobs, spec)
+    out: List[Optional[torch.Tensor]] = [None] * len(jobs)
+    pairs = torch.tensor(spec.pairs, dtype=torch.int64)
+    groups: Dict[int, List[int]] = {}
+    for k, j in enumerate(jobs):
+        groups.setdefault(len(j.inputs), []).append(k)
+    for n_inputs, index in groups.items():
+        rows = [jobs[k].rows for k in index]
+        sums = torch.empty((sum(rows), len(spec.pairs)), dtype=torch.float64)
+        table, keep = build_table([jobs[k].as_combine() for k in index])
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        _cpu.dots(_cpu.DotsArgs(table=_table_args(table, n_inputs), rows=rows_t.data_ptr(), pairs=pairs.data_ptr(),
+                                n_pairs=len(spec.pairs), sums=sums.data_ptr()))
         del keep
-
-    return run_chunked(jobs, spec, _cpu.DOTS_CHUNK, launch)
+        for k, s in zip(index, torch.split(sums, rows)):
+            out[k] = s
+    return out
