@@ -91,7 +91,7 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t
 
 void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(chunks.total() * kChunk * n_inputs))
   for (int64_t g = 0; g < chunks.total(); ++g) {
     const ChunkGrid::Span c = chunks[g];
     const TableRow row(table, n_inputs, c.row);
@@ -108,7 +108,7 @@ void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64
   const int64_t size = n_tensors * n_inputs * 2 * 256;
   const int threads = omp_get_max_threads();
   std::vector<std::vector<int64_t>> partial(threads, std::vector<int64_t>(size, 0));  // allocated outside the region
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(chunks.total() * kChunk * n_inputs))
   {
     std::vector<int64_t>& mine = partial[omp_get_thread_num()];
     alignas(64) float b[kChunk];

@@ -195,7 +195,7 @@ void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsP
     return static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), k) - first.begin()) - 1;
   };
   std::unique_ptr<double[]> partials(new double[n_chunks * p.n_pairs]);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n_chunks * kDotsChunk * n_inputs))
   {
     std::vector<double> u((n_inputs + 1) * kDotsChunk);  // as float for fp32 rows: the first half suffices
     std::vector<double> wide(n_inputs * kDotsChunk);

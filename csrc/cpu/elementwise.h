@@ -11,6 +11,7 @@
 #include "../common/numerics.h"
 #include "../common/philox.h"
 #include "combine_cpu.h"
+#include "parallel.h"
 
 namespace fm {
 namespace FM_ISA {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "parallel.h"
 
 namespace fm {
 namespace {
@@ -63,7 +64,7 @@ void rank_row(const float* v, int64_t n, int32_t* out, std::vector<uint32_t>& sc
 void cpu_uniforms(uint64_t key, int64_t numel, int64_t first, int32_t* out) {
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   const int64_t g0 = first / kGroup;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(numel))
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t halves[2][kGroup];
     for (uint32_t s = 0; s < 2; ++s) {
@@ -81,7 +82,7 @@ void cpu_uniforms(uint64_t key, int64_t numel, int64_t first, int32_t* out) {
 }
 
 void cpu_row_rank(const float* values, int64_t rows, int64_t n, int32_t* out) {
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(rows * n))
   {
     std::vector<uint32_t> scratch;
 #pragma omp for schedule(dynamic, 16)

@@ -273,8 +273,10 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   std::vector<size_t> expected(pairs);  // candidates a thread is expected to collect for a pair
   const int threads = omp_get_max_threads();
   RegionErrors errors;
+  const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
+  const bool team = worth_threads(chunks.total() * kChunk * n_inputs);
   // 1. Bracket each k-th largest with a sample.
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (team)
   for (int64_t pm = 0; pm < pairs; ++pm)
     errors.run([&] {
       const int64_t s = pm / n_inputs, m = pm % n_inputs, n = scopes.sizes[s], k = ks[pm], runs = sample_runs(n);
@@ -313,11 +315,10 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
     });
   errors.rethrow();
   // 2. One pass: count above the bracket, collect inside it (per thread).
-  const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
   std::vector<std::vector<int64_t>> above(threads, std::vector<int64_t>(pairs, 0));
   std::vector<std::vector<Candidates>> inside(threads);
   for (std::vector<Candidates>& per_thread : inside) per_thread.resize(pairs);
-#pragma omp parallel
+#pragma omp parallel if (team)
   {
     const int tid = omp_get_thread_num();
     float b[kChunk], tau[kChunk];
@@ -337,7 +338,7 @@ void ties_select(const int64_t* table, int64_t n_tensors, int64_t n_inputs, bool
   }
   errors.rethrow();
   // 3. Exact answer inside the bracket, or the whole scope when the bracket missed.
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (team)
   for (int64_t pm = 0; pm < pairs; ++pm)
     errors.run([&] {
       const int64_t k = ks[pm];
@@ -442,7 +443,7 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
   const Scopes scopes(table, n_tensors, n_inputs, p.model_scope);
   // per-thread scratch allocated before the region: an exception may not leave it
   std::vector<std::vector<float>> scratches(omp_get_max_threads(), std::vector<float>(kChunk * (n_inputs + 2)));
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(chunks.total() * kChunk * n_inputs))
   {
     alignas(64) uint32_t words[kChunk];
     float* b = scratches[omp_get_thread_num()].data();
