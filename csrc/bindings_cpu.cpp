@@ -170,7 +170,6 @@ PYBIND11_MODULE(_cpu, m) {
              return fm::DotsArgs{table, rows, pairs, n_pairs, sums};
            }),
            py::kw_only(), py::arg("table"), py::arg("rows"), py::arg("pairs"), py::arg("n_pairs"), py::arg("sums"));
-  m.attr("DOTS_CHUNK") = fm::kDotsChunk;
   m.def(
       "dots",
       [](const fm::DotsArgs& a) {

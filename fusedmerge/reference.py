@@ -103,10 +103,15 @@ class TiesSpec:
         return self.drop_threshold == 0 and any(k < n for ks, n in zip(self.ks, sizes) for k in ks)
 
 
+def magnitude_view(t: torch.Tensor) -> torch.Tensor:
+    """|t| as ordered integers of t's width and shape (the bit pattern of a non-negative float orders like its
+    value; NaN largest)."""
+    return t.abs().view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
 def magnitude_bits(t: torch.Tensor) -> torch.Tensor:
-    """|t| as ordered integers (the bit pattern of a non-negative float orders like its value; NaN largest)."""
-    ints = torch.int64 if t.dtype == torch.float64 else torch.int32
-    return t.abs().view(ints).reshape(-1).to(torch.int64)
+    """magnitude_view flattened, as int64."""
+    return magnitude_view(t).reshape(-1).to(torch.int64)
 
 
 def ties_thresholds_reference(taus: Sequence[Sequence[torch.Tensor]], spec: TiesSpec) -> list:

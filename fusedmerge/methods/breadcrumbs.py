@@ -30,7 +30,7 @@ import torch
 from .. import dispatch
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
-from ..reference import CombineJob, TiesSpec
+from ..reference import CombineJob, TiesSpec, magnitude_view
 from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, radix_passes, spread
 from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
@@ -104,7 +104,7 @@ def _kept(slot: Slot, pairs, n: int, thresholds) -> Iterator[Tuple[torch.Tensor,
     half = len(models) // 2
 
     def _band(tau: torch.Tensor, j: int) -> torch.Tensor:
-        bits = tau.abs().view(torch.int64 if acc == torch.float64 else torch.int32)  # magnitude_bits
+        bits = magnitude_view(tau)
         inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[half + j]))
         return torch.where(inside, tau, torch.zeros((), dtype=acc, device=tau.device))
 
