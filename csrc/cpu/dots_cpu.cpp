@@ -14,10 +14,9 @@
 //
 // How the tree vectorises: its top log₂L levels add the chunk's L contiguous parts of q = m/L elements
 // (L = fp64 lanes of a vector: 2, 4 with AVX2, 8 with AVX-512), ((P0 + P1) + (P2 + P3)) for L = 4, and
-// below them each part has its own tree. For L positions e0..e0+L-1 of every part, the L row vectors of
-// products (one per part) are transposed by log₂L shuffle stages, each followed at once by its tree level
-// (positions 2i and 2i+1 of a part are added), which leaves one vector whose lane ℓ is the subtree of
-// part ℓ over those positions; the q/L such vectors are added by the tree vertically, the lanes last.
+// below them each part has its own tree. Each input's chunk is transposed once (vector pos = position pos of
+// every part, widened to fp64), so that for every pair all levels below the top log₂L are vertical vector
+// additions (lane ℓ: part ℓ's subtree), the first fused with the products; the lanes are added last.
 // Chunks with m < L·L take the scalar tree.
 #include "dots_cpu.h"
 
@@ -49,40 +48,15 @@ struct Vec {
 template <typename A>
 using VecT = typename Vec<A>::type;
 using VD = VecT<double>;
-using VI = VecT<int64_t>;
 
-// Stage h of the transpose: x holds parts [g, g+h), y parts [g+h, g+2h), each at L/h positions (lane
-// pos·h + part); lo (hi) gathers the even (odd) positions of both, lane pos·2h + part, and lo + hi is the
-// tree level that adds positions 2·pos and 2·pos+1 of each part.
-template <int H, bool Odd, int... T>
-constexpr VI stage_mask(std::integer_sequence<int, T...>) {
-  return VI{((T % (2 * H) < H ? 0 : kLanes - H) + (2 * (T / (2 * H)) + Odd) * H + T % (2 * H))...};
-}
-
-template <int H>
-VD stage(VD x, VD y) {
-  constexpr auto lanes = std::make_integer_sequence<int, kLanes>();
-  constexpr VI lo = stage_mask<H, false>(lanes), hi = stage_mask<H, true>(lanes);
-  return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
-}
-
-// r[0..L/H): after the stages H, 2H, ..., L/2, r[0] lane ℓ = the subtree of part ℓ.
-template <int H = 1>
-VD stages(VD* r) {
-  if constexpr (H == kLanes) {
-    return r[0];
-  } else {
-    for (int i = 0; i < kLanes / (2 * H); ++i) r[i] = stage<H>(r[2 * i], r[2 * i + 1]);
-    return stages<2 * H>(r);
-  }
-}
-
-// L consecutive values, widened to fp64 (one instruction for fp32).
-inline VD load_wide(const double* x) {
+inline VD load_vec(const double* x) {
   VD v;
   __builtin_memcpy(&v, x, sizeof(v));
   return v;
 }
+
+// L consecutive values, widened to fp64 (one instruction for fp32).
+inline VD load_wide(const double* x) { return load_vec(x); }
 inline VD load_wide(const float* x) {
 #if defined(__AVX512F__)
   return reinterpret_cast<VD>(_mm512_cvtps_pd(_mm256_loadu_ps(x)));
@@ -93,22 +67,71 @@ inline VD load_wide(const float* x) {
 #endif
 }
 
-// The tree of the products a[e]·c[e], e < m (m = L·q, q ≥ L): t holds q/L vectors.
-template <typename A, typename C>
-double lanes_tree(const A* __restrict a, const C* __restrict c, int64_t m, VD* __restrict t) {
-  const int64_t q = m / kLanes;
-  for (int64_t e0 = 0; e0 < q; e0 += kLanes) {
-    VD r[kLanes];
-    for (int l = 0; l < kLanes; ++l) r[l] = load_wide(a + l * q + e0) * load_wide(c + l * q + e0);
-    t[e0 / kLanes] = stages(r);
+// Stores the L×L block in[ℓ][pos] transposed: w[pos·L + ℓ] = in[ℓ][pos].
+inline void store_transposed(const VD* in, double* w) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256d a = reinterpret_cast<__m256d>(in[0]), b = reinterpret_cast<__m256d>(in[1]);
+  const __m256d c = reinterpret_cast<__m256d>(in[2]), d = reinterpret_cast<__m256d>(in[3]);
+  const __m256d ab0 = _mm256_unpacklo_pd(a, b), ab1 = _mm256_unpackhi_pd(a, b);  // a0 b0 a2 b2, a1 b1 a3 b3
+  const __m256d cd0 = _mm256_unpacklo_pd(c, d), cd1 = _mm256_unpackhi_pd(c, d);
+  _mm256_storeu_pd(w, _mm256_permute2f128_pd(ab0, cd0, 0x20));
+  _mm256_storeu_pd(w + 4, _mm256_permute2f128_pd(ab1, cd1, 0x20));
+  _mm256_storeu_pd(w + 8, _mm256_permute2f128_pd(ab0, cd0, 0x31));
+  _mm256_storeu_pd(w + 12, _mm256_permute2f128_pd(ab1, cd1, 0x31));
+#else
+  for (int pos = 0; pos < kLanes; ++pos) {
+    VD o;
+    for (int l = 0; l < kLanes; ++l) o[l] = in[l][pos];
+    __builtin_memcpy(w + pos * kLanes, &o, sizeof(o));
   }
-  for (int64_t len = q / kLanes; len > 1; len /= 2)
-    for (int64_t i = 0; i < len / 2; ++i) t[i] = t[2 * i] + t[2 * i + 1];
-  double w[kLanes];
-  for (int l = 0; l < kLanes; ++l) w[l] = t[0][l];
-  for (int len = kLanes; len > 1; len /= 2)
-    for (int l = 0; l < len / 2; ++l) w[l] = w[2 * l] + w[2 * l + 1];
-  return w[0];
+#endif
+}
+
+// W[pos·L + ℓ] = u[ℓ·q + pos] in fp64, pos < q = m/L (q ≥ L): the chunk's L contiguous parts side by side in
+// the lanes, so that vector pos holds position pos of every part.
+template <typename A>
+void transposed_wide(const A* __restrict u, int64_t m, double* __restrict w) {
+  const int64_t q = m / kLanes;
+  for (int64_t p0 = 0; p0 < q; p0 += kLanes) {
+    VD in[kLanes];
+    for (int l = 0; l < kLanes; ++l) in[l] = load_wide(u + l * q + p0);
+    store_transposed(in, w + p0 * kLanes);
+  }
+}
+
+// The subtree of the products wa·wc over B consecutive positions of the transposed layout, in registers.
+template <int B>
+VD block_tree(const double* __restrict wa, const double* __restrict wc) {
+  if constexpr (B == 1) return load_vec(wa) * load_vec(wc);
+  else return block_tree<B / 2>(wa, wc) + block_tree<B / 2>(wa + B / 2 * kLanes, wc + B / 2 * kLanes);
+}
+
+// Every pair's tree of one chunk in the transposed layout (q = m/L ≥ B positions): blocks of B positions are
+// added in registers, the q/B block sums by a binary counter (stack[k·kLevels + level] holds pair k's pending
+// left sibling at that level, so each addition is the tree's), each lane holding one part's subtree; the
+// lanes are added last.
+constexpr int kLevels = 64;
+template <int B>
+void pair_trees(const double* wide, int64_t m, const int64_t* pairs, int64_t n_pairs, VD* stack, double* out) {
+  const int64_t q = m / kLanes, blocks = q / B;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int64_t k = 0; k < n_pairs; ++k) {
+      const int64_t first = blk * B * kLanes;
+      VD v = block_tree<B>(wide + pairs[2 * k] * m + first, wide + pairs[2 * k + 1] * m + first);
+      int level = 0;
+      for (int64_t c = blk; c & 1; c >>= 1, ++level) v = stack[k * kLevels + level] + v;
+      stack[k * kLevels + level] = v;
+    }
+  }
+  int top = 0;
+  while ((int64_t{1} << top) < blocks) ++top;
+  for (int64_t k = 0; k < n_pairs; ++k) {
+    double w[kLanes];
+    for (int l = 0; l < kLanes; ++l) w[l] = stack[k * kLevels + top][l];
+    for (int len = kLanes; len > 1; len /= 2)
+      for (int l = 0; l < len / 2; ++l) w[l] = w[2 * l] + w[2 * l + 1];
+    out[k] = w[0];
+  }
 }
 
 // The tree of the products ua[e]·uc[e], e < m (m a power of two; the u are zero-padded up to m): level one is
@@ -128,38 +151,36 @@ double scalar_tree(const A* __restrict ua, const A* __restrict uc, int64_t m, do
   return q[0];
 }
 
-// u[j * m + e] for every input j (zero from n up to the power of two m ≥ n), then each pair's tree. Inputs
-// of fp32 rows in more than one pair (reused[j]) are widened to fp64 once, into wide[j * m + e].
+// u[j * m + e] for every input j in a pair (used[j]; zero from n up to the power of two m ≥ n), then each
+// pair's tree; in chunks that fill the lanes, each used input is first transposed and widened once, into
+// wide[j * m ...] (transposed_wide).
 template <typename A>
 void dots_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n, const DotsParams& p,
-                const uint8_t* reused_inputs, A* u, double* wide, VD* t, double* q, double* r, double* out) {
+                const uint8_t* used, A* u, double* wide, VD* stack, double* q, double* r, double* out) {
   int64_t m = 1;
   while (m < n) m *= 2;
   A* b = u + n_inputs * m;
   const bool has_base = row.base() != nullptr;
   const bool lanes = m >= kLanes * kLanes;
-  auto reused = [&](int64_t j) { return std::is_same_v<A, float> && lanes && reused_inputs[j] != 0; };
   if (has_base) load_any(b, row.base(), row.base_dtype(), start, n);
   for (int64_t j = 0; j < n_inputs; ++j) {
+    if (!used[j]) continue;
     A* uj = u + j * m;
     load_any(uj, row.input(j), row.input_dtype(j), start, n);
     if (has_base)
       for (int64_t e = 0; e < n; ++e) uj[e] = uj[e] - b[e];
     std::fill(uj + n, uj + m, A(0));
-    if (reused(j))
-      for (int64_t e = 0; e < m; ++e) wide[j * m + e] = static_cast<double>(uj[e]);
+    if (lanes) transposed_wide(uj, m, wide + j * m);
   }
-  for (int64_t k = 0; k < p.n_pairs; ++k) {
-    const int64_t ja = p.pairs[2 * k], jc = p.pairs[2 * k + 1];
-    const A* ua = u + ja * m;
-    const A* uc = u + jc * m;
-    if (n == 0) out[k] = 0.0;
-    else if (!lanes) out[k] = scalar_tree(ua, uc, m, q, r);
-    else if (reused(ja) && reused(jc)) out[k] = lanes_tree(wide + ja * m, wide + jc * m, m, t);
-    else if (reused(ja)) out[k] = lanes_tree(wide + ja * m, uc, m, t);
-    else if (reused(jc)) out[k] = lanes_tree(wide + jc * m, ua, m, t);  // the same products
-    else out[k] = lanes_tree(ua, uc, m, t);
+  if (n > 0 && lanes) {
+    const int64_t positions = m / kLanes;
+    if (positions >= 8) pair_trees<8>(wide, m, p.pairs, p.n_pairs, stack, out);
+    else if (positions == 4) pair_trees<4>(wide, m, p.pairs, p.n_pairs, stack, out);
+    else pair_trees<2>(wide, m, p.pairs, p.n_pairs, stack, out);
+    return;
   }
+  for (int64_t k = 0; k < p.n_pairs; ++k)
+    out[k] = n == 0 ? 0.0 : scalar_tree(u + p.pairs[2 * k] * m, u + p.pairs[2 * k + 1] * m, m, q, r);
 }
 
 // The tree over the c ≥ 1 partials v[i * n_pairs + p] of one row, in place (node i of a level overwrites
@@ -176,10 +197,8 @@ void row_tree(double* v, int64_t c, int64_t n_pairs, double* out) {
 
 void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsParams& p) {
   static_assert(kDotsChunk >= kLanes * kLanes, "a chunk fills the lanes");
-  std::vector<int64_t> uses(n_inputs, 0);
-  for (int64_t k = 0; k < 2 * p.n_pairs; ++k) ++uses[p.pairs[k]];
-  std::vector<uint8_t> reused(n_inputs);
-  for (int64_t j = 0; j < n_inputs; ++j) reused[j] = uses[j] > 1;
+  std::vector<uint8_t> used(n_inputs, 0);
+  for (int64_t k = 0; k < 2 * p.n_pairs; ++k) used[p.pairs[k]] = 1;
   // Per table row: elements per row, chunks per row, and the first chunk and first output row (prefix sums).
   std::vector<int64_t> cols(n_tensors), per_row(n_tensors), first_chunk(n_tensors + 1, 0), first_row(n_tensors + 1, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
@@ -199,7 +218,7 @@ void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsP
   {
     std::vector<double> u((n_inputs + 1) * kDotsChunk);  // as float for fp32 rows: the first half suffices
     std::vector<double> wide(n_inputs * kDotsChunk);
-    std::vector<VD> t(kDotsChunk / (kLanes * kLanes));
+    std::vector<VD> stack(p.n_pairs * kLevels);
     std::vector<double> q(kLanes * kLanes / 2), r(kLanes * kLanes / 2);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n_chunks; ++k) {
@@ -209,11 +228,11 @@ void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsP
       const TableRow row(table, n_inputs, tr);
       double* out = partials.get() + k * p.n_pairs;
       if (row.accumulates_in_f64(n_inputs))
-        dots_chunk<double>(row, n_inputs, start, n, p, reused.data(), u.data(), wide.data(), t.data(), q.data(),
+        dots_chunk<double>(row, n_inputs, start, n, p, used.data(), u.data(), wide.data(), stack.data(), q.data(),
                            r.data(), out);
       else
-        dots_chunk<float>(row, n_inputs, start, n, p, reused.data(), reinterpret_cast<float*>(u.data()), wide.data(),
-                          t.data(), q.data(), r.data(), out);
+        dots_chunk<float>(row, n_inputs, start, n, p, used.data(), reinterpret_cast<float*>(u.data()), wide.data(),
+                          stack.data(), q.data(), r.data(), out);
     }
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < n_rows; ++g) {
