@@ -269,12 +269,14 @@ def test_arcee_fusion_blocks_gather_the_whole_tensors_sample(shape, rows, monkey
     assert len(parts) == 3
     cut = lambda t, span: {"w": t.reshape(-1)[span.first:span.first + span.numel]}  # noqa: E731
     call = lambda span: GroupCall(cut(base, span), [cut(x, span)], [1.0], [None], {}, seed=3)  # noqa: E731
-    step, total = blocks.passes[0], None
-    for span in parts:
-        partial = step.partial(call(span), span, None)
-        total = partial if total is None else step.combine(total, partial)
-    threshold_ = step.finish(total, None)
-    got = torch.cat([blocks.merge(call(span), span, threshold_)["w"] for span in parts])
+    stats = None
+    for step in blocks.passes:  # as checkpoint/blocks.py merge_tensor
+        total = None
+        for span in parts:
+            partial = step.partial(call(span), span, stats)
+            total = partial if total is None else step.combine(total, partial)
+        stats = step.finish(total, stats)
+    got = torch.cat([blocks.merge(call(span), span, stats)["w"] for span in parts])
     assert len(samples) == 2 and samples[0].numel() == min(whole.numel(), 10**6)
     assert torch.equal(samples[1], samples[0])
     assert torch.equal(got, whole) and 0 < int((got != base.reshape(-1)).sum()) < whole.numel() // 2

@@ -14,15 +14,15 @@ casts), so the result is mergekit's bit for bit up to its sample. The sample is 
 Philox stream (element j of the sample is entry ⌊U_j·n / 2³²⌋), so results are reproducible everywhere,
 not mergekit's (a torch.randint draw); tested by statistics.
 
-`fusedmerge merge` merges a tensor over its budget in blocks of whole rows (RowBlocks, below): a first pass
-gathers the sample's entries block by block, the merge pass recomputes each block's importance, bit for bit.
+`fusedmerge merge` merges a tensor over its budget in blocks of whole rows (RowBlocks, below): a pass gathers
+the sample's entries block by block, the merge pass recomputes each block's importance; the whole tensor's bits.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -51,10 +51,13 @@ class ArceeFusionOptions:
 
 
 def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|x − θ0|·KL_row in the models' dtype (mergekit's _compute_importance)."""
-    p = torch.softmax(x, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    return (x - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    """|x − θ0|·KL_row in the models' dtype (mergekit's _compute_importance, in place where it can be: the same
+    operations on the same operands in the same order, down to which NaN a product passes on)."""
+    p = torch.softmax(x, dim=-1).add_(1e-8)
+    log_ratio = torch.div(p, torch.softmax(base, dim=-1).add_(1e-8)).log_()
+    kl = torch.mul(p, log_ratio, out=log_ratio).sum(dim=-1, keepdim=True)
+    del p, log_ratio
+    return (x - base).abs_().mul_(kl)
 
 
 def sample_indices(n: int, seed: int, name: str, backend: str, device=None) -> torch.Tensor:
@@ -117,7 +120,9 @@ def _fused(base, inputs, o: ArceeFusionOptions, backend: str, cut: Optional[torc
         x, b = slot.inputs[0], slot.base
         score = importance(x, b)
         at = threshold(sample(score, o.seed, slot.key, backend), backend) if cut is None else cut
-        slot.out.copy_(b + (x - b) * (score >= at).float())
+        mask = (score >= at).to(torch.promote_types(torch.promote_types(x.dtype, b.dtype), torch.float32))
+        del score  # θ0 + (x − θ0)·mask (mergekit's fp32 mask; the same operations) in the mask's memory
+        slot.out.copy_(torch.add(b, torch.mul(x - b, mask, out=mask), out=mask))
     return forms.wrap(merged)
 
 
@@ -126,10 +131,11 @@ def arcee_fusion_reference(base, inputs, **options):
     return arcee_fusion(base, inputs, **{**options, "backend": "torch"})
 
 
-# Row blocks: blocks of whole rows (a 1-D tensor is one row: one block). Pass 1 computes each block's importance
-# and keeps its entries at the sample's indices that fall in the block (the indices of the whole tensor, drawn
-# again per block: one 10⁶-word `uniforms` launch, ~10 ms on the CPU), with their positions in the sample;
-# finish puts them in sample order and takes the threshold. The merge pass recomputes the block's importance.
+# Row blocks: blocks of whole rows (a 1-D tensor is one row: one block). A first pass draws the sample's indices
+# into the whole tensor once (in the first block's call: it reads no block), sorted, with their positions in the
+# sample; the second computes each block's importance and keeps its entries at the indices that fall in the
+# block (a contiguous range of the sorted indices), which finish puts in sample order for the threshold. The
+# merge pass computes each block's importance again.
 
 
 def _align(shape: Tuple[int, ...], call) -> int:
@@ -145,24 +151,30 @@ def _rows(t: torch.Tensor, span: Span) -> torch.Tensor:
     return torch.cat([rows, rows]) if rows.shape[0] == 1 < math.prod(span.shape) // cols else rows
 
 
-def _block_sample(call: GroupCall, span: Span, stats) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """(positions in the sample, values, backend) of the sample's entries in this block."""
+def _draw(call: GroupCall, span: Span, stats):
+    """(the sample's indices ascending, their positions in the sample, the backend), drawn for the first block."""
+    if span.first:
+        return None
+    name, _, (x,) = call.block()
+    at, positions = sample_indices(math.prod(span.shape), call.seed, name, call.backend, x.device).sort()
+    return at, positions, call.backend
+
+
+def _block_sample(call: GroupCall, span: Span, drawn) -> List[torch.Tensor]:
+    """The block's entries of the sample, in the order of their indices."""
     name, base, (x,) = call.block()
-    score = importance(_rows(x, span), _rows(base, span)).reshape(-1)[:span.numel]
-    at = sample_indices(math.prod(span.shape), call.seed, name, call.backend, x.device) - span.first
-    positions = ((at >= 0) & (at < span.numel)).nonzero().reshape(-1)
-    return positions, score[at[positions]], call.backend
+    at = drawn[0]
+    lo, hi = torch.searchsorted(at, torch.tensor([span.first, span.first + span.numel], device=at.device)).tolist()
+    score = importance(_rows(x, span), _rows(base, span)).reshape(-1)
+    return [score[at[lo:hi] - span.first]]
 
 
-def _gathered(total, part):
-    return torch.cat([total[0], part[0]]), torch.cat([total[1], part[1]]), total[2]
-
-
-def _sample_threshold(total, stats) -> torch.Tensor:
+def _sample_threshold(values: List[torch.Tensor], drawn) -> torch.Tensor:
     """The threshold of the sample put together in sample order."""
-    positions, values, backend = total
-    sampled = torch.empty_like(values)
-    sampled[positions] = values
+    _, positions, backend = drawn
+    gathered = torch.cat(values)
+    sampled = torch.empty_like(gathered)
+    sampled[positions] = gathered
     return threshold(sampled, backend)
 
 
@@ -178,8 +190,9 @@ MERGEKIT_ARCEE_FUSION = ConfigMethod(
     merge=lambda call: arcee_fusion(call.base, call.models, seed=call.seed, name=call.name,
                                     out_dtype=call.out_dtype, backend=call.backend),
     doc="θ0 + (x−θ0)·[|x−θ0|·KL_row ≥ q50 + 1.5·IQR]",
-    blocks=RowBlocks(passes=(BlockPass(_block_sample, _gathered, _sample_threshold),), merge=_block_merge,
-                     align=_align),
+    blocks=RowBlocks(passes=(BlockPass(_draw, lambda total, part: total),
+                             BlockPass(_block_sample, lambda total, part: total + part, _sample_threshold)),
+                     merge=_block_merge, align=_align),
     result_dtype=lambda dtype: torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
 
 ARCEE_FUSION = Method("arcee_fusion", arcee_fusion, ArceeFusionOptions, arcee_fusion_reference, ("select", "uniforms"),
