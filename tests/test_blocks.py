@@ -38,8 +38,9 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "della_linear": ("della_linear", 2, "rescale: false", "density: 0.6"),
     "breadcrumbs": ("breadcrumbs", 2, "rescale: true", "weight: 0.7, density: 0.5, gamma: 0.1"),
     "breadcrumbs_ties": ("breadcrumbs_ties", 2, "lambda: 0.9", "weight: 0.7, density: 0.3"),
+    "arcee_fusion": ("arcee_fusion", 1, "", ""),
 }
-WHOLE = {"sce", "arcee_fusion", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
+WHOLE = {"sce", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
 
 
 def test_every_method_is_blocked_or_declared_whole():
@@ -247,3 +248,35 @@ def test_nuslerp_by_columns_merges_a_large_tensor_as_one_block(small_llama_ckpts
     names = _files(outs[0])
     match, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
     assert not mismatch and not errors
+
+
+@pytest.mark.parametrize("shape, rows", [((1100, 1000), 400), ((5, 40000), 2)])
+def test_arcee_fusion_blocks_gather_the_whole_tensors_sample(shape, rows, monkeypatch):
+    """arcee_fusion's row blocks driven directly, against the whole tensor: 1.1·10⁶ entries in 3 blocks gather
+    the whole tensor's 10⁶-entry sample (indices into the whole tensor, in sample order) and merge with its
+    bits; rows of 40 000 entries in blocks of 2, 2 and 1 rows: the lone row's importance has the bits of a row
+    among several (torch sums a lone row of 2¹⁵ entries or more across threads, in another order)."""
+    from fusedmerge.methods import arcee_fusion as af
+
+    samples, threshold = [], af.threshold
+    monkeypatch.setattr(af, "threshold", lambda sampled, backend: samples.append(sampled) or threshold(sampled, backend))
+    torch.manual_seed(0)
+    base = torch.randn(shape)
+    x = base + 0.3 * torch.randn(shape)
+    whole = af.arcee_fusion(base, [x], name="w", seed=3).reshape(-1)
+    blocks = CONFIG_METHODS["arcee_fusion"].blocks
+    parts = spans(shape, 4, 4 * rows * shape[1], blocks.align(shape, None))
+    assert len(parts) == 3
+    cut = lambda t, span: {"w": t.reshape(-1)[span.first:span.first + span.numel]}  # noqa: E731
+    call = lambda span: GroupCall(cut(base, span), [cut(x, span)], [1.0], [None], {}, seed=3)  # noqa: E731
+    stats = None
+    for step in blocks.passes:  # as checkpoint/blocks.py merge_tensor
+        total = None
+        for span in parts:
+            partial = step.partial(call(span), span, stats)
+            total = partial if total is None else step.combine(total, partial)
+        stats = step.finish(total, stats)
+    got = torch.cat([blocks.merge(call(span), span, stats)["w"] for span in parts])
+    assert len(samples) == 2 and samples[0].numel() == min(whole.numel(), 10**6)
+    assert torch.equal(samples[1], samples[0])
+    assert torch.equal(got, whole) and 0 < int((got != base.reshape(-1)).sum()) < whole.numel() // 2
