@@ -3,8 +3,9 @@
 Plan (the same on every rank, from the headers alone): the output keys in the reference model's order
 (the base, or the first model for linear), cut into shards of at most `shard_size` bytes, each shard owned
 by one rank (balanced by bytes). A rank streams its keys in groups of at most half the memory budget: while
-one group is merged and written, the next one's pages are read (a prefetch thread behind madvise
-WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is written. Shards are
+one group is merged, a background thread writes the previous one and then reads the next one's pages
+(madvise POPULATE_READ or WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is
+written. Shards are
 written as they fill, into a temporary directory beside OUT_DIR that is renamed to OUT_DIR only when every
 rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes it and says why
 (checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
@@ -16,7 +17,7 @@ import errno
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -102,6 +103,16 @@ def _touch(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
             t = d.tensor(k)
             if t.numel():
                 t.reshape(-1).view(torch.uint8)[:: 4096].sum()
+
+
+def _write_group(writer: ShardWriter, outputs: List[Tuple[str, torch.Tensor]], dirs: Sequence[ModelDir],
+                 reads: Sequence[Sequence[str]]) -> None:
+    """Write a merged group's tensors (in the background thread), then drop its inputs' pages."""
+    for k, t in outputs:
+        writer.write(k, t)
+    outputs.clear()
+    for d, names in zip(dirs, reads):
+        d.release(names)
 
 
 def _check_unchanged(dirs: Sequence[ModelDir]) -> None:
@@ -252,33 +263,41 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
     try:
+        # One background thread, jobs in order: prefetch group i + 1 while group i is merged; write and release a
+        # merged group while the next one is merged, then prefetch the one after (so that memory holds the group
+        # being merged and one more group's worth: its written outputs or the next inputs, the budget).
         with ThreadPoolExecutor(1) as pool:
             reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
-            pending = pool.submit(_touch, dirs, reads(0)) if groups else None
+            touched = {j: pool.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
+            writes: List[Future] = []
             for i, group in enumerate(groups):
-                pending.result()
+                touched.pop(i).result()
+                while writes and writes[0].done():
+                    writes.pop(0).result()
                 _check_unchanged(dirs)
-                if i + 1 < len(groups):
-                    pending = pool.submit(_touch, dirs, reads(i + 1))
                 if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
+                    while writes:  # the shard's earlier tensors first
+                        writes.pop(0).result()
                     k = group[0]
                     sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
                     call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
                     dtype, shape = plan.entries[k]
                     writer.write_blocks(k, merge_tensor(k, blocks, sources, shape, dtype, limit, opts.device, call,
                                                         targets.cfg.spec.merge), shape)
-                    progress.update(1, plan.nbytes(k))
-                    continue
-                merged = {}
-                for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
-                    merged.update(targets.cfg.spec.merge(call))
-                    del call
-                for k in group:
-                    writer.write(k, merged.pop(k).to("cpu"))
-                for d, names in zip(dirs, targets.reads(group)):
-                    d.release(names)
+                else:
+                    merged = {}
+                    for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
+                        merged.update(targets.cfg.spec.merge(call))
+                        del call
+                    outputs = [(k, merged.pop(k).to("cpu")) for k in group]
+                    writes.append(pool.submit(_write_group, writer, outputs, dirs, targets.reads(group)))
+                    del outputs
+                if i + 2 < len(groups):
+                    touched[i + 2] = pool.submit(_touch, dirs, reads(i + 2))
                 progress.update(len(group), sum(plan.nbytes(k) for k in group))
                 _check_unchanged(dirs)
+            for w in writes:
+                w.result()
     except BaseException:
         writer.close(failed=True)
         raise
