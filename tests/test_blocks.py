@@ -38,8 +38,9 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "della_linear": ("della_linear", 2, "rescale: false", "density: 0.6"),
     "breadcrumbs": ("breadcrumbs", 2, "rescale: true", "weight: 0.7, density: 0.5, gamma: 0.1"),
     "breadcrumbs_ties": ("breadcrumbs_ties", 2, "lambda: 0.9", "weight: 0.7, density: 0.3"),
+    "sce": ("sce", 3, "select_topk: 0.3", ""),
 }
-WHOLE = {"sce", "arcee_fusion", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
+WHOLE = {"arcee_fusion", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
 
 
 def test_every_method_is_blocked_or_declared_whole():
