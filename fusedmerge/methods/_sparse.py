@@ -133,8 +133,9 @@ def radix_passes(selections: Callable[[GroupCall, Span], Tuple[List[Rank], List[
                  values: Values = task_values) -> Tuple[BlockPass, ...]:
     """The passes of a radix selection; selections(call, span) gives (ks, models): the rank k and the model
     index of each selection (the same for every block), a rank either a number or a function of the count of
-    nonzero magnitudes of its model's values in the whole tensor (counted in the first pass). values(base,
-    inputs, m): model m's values in one chunk (base in the accumulation dtype, inputs as stored; default |τ_m|).
+    nonzero magnitudes of its model's values in the whole tensor (counted in the first pass that reads them).
+    values(base, inputs, m): model m's values in one chunk (base in the accumulation dtype, inputs as stored;
+    default τ_m), whose magnitudes are selected.
     The last pass's statistics are (thresholds, ks, models): thresholds[j] the bits of the ks[j]-th largest
     magnitude of models[j]'s values (0 for integer tensors, not selected; None for a rank of 0: nothing)."""
     return tuple(_digit_pass(d, selections, values) for d in (3, 2, 1, 0))

@@ -13,26 +13,27 @@ Per tensor (n entries), T task vectors τᵢ = xᵢ − θ0 in the accumulation 
     out = θ0 + Σ agreeᵢ·wᵢτ̂ᵢ / Σ agreeᵢ·wᵢ   (agree: sign of τ̂ᵢ = sign of Σ τ̂ⱼ, zero sums electing +;
                                                the `ties` primitive, vote unweighted)
 
-Why fp64 for v: the fp64 two-pass value rounded once is the correctly rounded variance but for ties within
-~10⁻¹⁶ of an fp32 rounding boundary, as is torch.var's (double Welford on CPU), which mergekit takes — the
-same fp32 bits on every entry tested (tests/test_sce.py: ≤ 1 ulp stated, > 99.9 % equal), so the top-k
-selection is mergekit's; fp32 sums differ from it by up to 3 ulps on about 40 % of the entries, which can
-move an entry across the k-th variance. It costs about 4× the fp32 arithmetic (a few ms per 10⁶ entries and
-model), still well below torch.var on a stacked copy. fp64 models: the same formula in fp64, within
-2·T·ε₆₄·(v + |μ|·√v) of torch.var (its Welford update cancels less well).
+Why fp64 for v: the fp64 two-pass value, accurate to ~10⁻¹⁵ before its one rounding, is nearly always the
+correctly rounded fp32 variance, and it equalled torch.var's fp32 result (mergekit's) on every entry tested
+(tests/test_sce.py states ≤ 1 ulp, > 99.9 % equal), so the top-k selection is mergekit's; the same sums in
+fp32 differ from torch.var by up to 3 ulps on up to 45 % of the entries, which can move an entry across the
+k-th variance. The cost: 4-10× the fp32 arithmetic (measured 7-18 ms per 10⁶ entries for 3 models on one
+loaded core), well below torch.var of a stacked copy (125 ms). fp64 models: the same formula in fp64, within
+2·T·ε₆₄·(v + |μ|·√v) of torch.var (measured ≤ 0.91·T·ε₆₄·(…), largest where two τᵢ nearly coincide).
 
 Every output entry depends on its own inputs once the k-th variance and the sᵢ are known, so a tensor is
-worked on CHUNK elements at a time (its τᵢ, v and τ̂ᵢ are never held whole, nor stacked); `fusedmerge merge`
-streams a tensor over the budget in row blocks (MERGEKIT_SCE.blocks): the k-th variance by the radix
-selection over blocks of _sparse.radix_passes (the nonzero count gathered in its first pass), then the
-sᵢ's chunk sums, then the merge — the bits of the whole tensor, whose k-th variance is one `select` launch.
+worked on CHUNK elements at a time: its τᵢ and τ̂ᵢ are never held whole, nor stacked (v is, once, for the
+whole tensor's `select` launch). `fusedmerge merge` streams a tensor over the budget in row blocks
+(MERGEKIT_SCE.blocks): the k-th variance by the radix selection over blocks of _sparse.radix_passes (the
+nonzero count gathered in its first pass), then the sᵢ's chunk sums, then the merge — the whole tensor's
+bits (tests/test_sce.py, tests/test_blocks.py).
 
 Differences from mergekit: its sᵢ are fp32 means (torch's order) and its wᵢ fp32 quotients — here fp64 tree
 sums and fp64 quotients, so fp32 results differ by ≤ 1 fp32 ulp of the largest input (measured ≤ 0.65,
-≥ 87 % of the entries equal: tests/test_sce.py);
-entries tied with the k-th variance are all kept (torch.topk picks among them); where the agreeing weights
-sum to less than 1e-6 but not 0, mergekit divides by 1e-6 (its clamp) and fusedmerge by the sum; bf16
-models are computed in fp32 and rounded once (mergekit works in bf16).
+≥ 87 % of the entries equal: tests/test_sce.py); entries tied with the k-th variance are all kept
+(torch.topk picks among them); where the agreeing weights sum to less than 1e-6 but not 0, mergekit divides
+by 1e-6 (its clamp) and fusedmerge by the sum; bf16 models are computed in fp32 and rounded once (mergekit
+works in bf16).
 """
 
 from __future__ import annotations
