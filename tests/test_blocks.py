@@ -39,8 +39,9 @@ METHODS = {  # name: (method, models, global parameters, per-model parameters)
     "breadcrumbs": ("breadcrumbs", 2, "rescale: true", "weight: 0.7, density: 0.5, gamma: 0.1"),
     "breadcrumbs_ties": ("breadcrumbs_ties", 2, "lambda: 0.9", "weight: 0.7, density: 0.3"),
     "arcee_fusion": ("arcee_fusion", 1, "", ""),
+    "sce": ("sce", 3, "select_topk: 0.3", ""),
 }
-WHOLE = {"sce", "tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
+WHOLE = {"tsv_m", "iso_c", "iso_cts", "magmax", "wudi"}  # merged whole (blocks=None)
 
 
 def test_every_method_is_blocked_or_declared_whole():

@@ -62,6 +62,26 @@ def run_combine(jobs: Sequence[CombineJob], backend: str) -> None:
 BLOCK_CHUNK = 2**16  # elements (a power of two): a per-tensor sum is gathered over row blocks as chunk sums
 
 
+def chunk_sums(spec: DotsSpec, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], backend: str,
+               step: Optional[int] = None) -> torch.Tensor:
+    """The `dots` sums of the consecutive `step`-element chunks (BLOCK_CHUNK by default; the last one what
+    remains) of 1-D inputs and base: fp64 [chunks, P], one dots launch per device. The chunk sums of blocks
+    that start at multiples of BLOCK_CHUNK, concatenated in order and reduced by `tensor_sums`, are the whole
+    tensor's sums bit for bit (reduce_blocks)."""
+    n = inputs[0].numel()
+    step = step or BLOCK_CHUNK
+    full = n // step * step
+    parts = [(0, full, full // step)] if full else []
+    parts += [(full, n, 1)] if full < n else []
+    jobs = [DotsJob([x[a:b] for x in inputs], None if base is None else base[a:b], rows) for a, b, rows in parts]
+    return group_sums(jobs, spec, backend)
+
+
+def tensor_sums(sums: torch.Tensor) -> torch.Tensor:
+    """A tensor's sums [1, P] from all its chunk_sums [chunks, P], by the pairwise tree."""
+    return tree_sum(sums, torch.tensor([sums.shape[0]]))
+
+
 Operands = Callable[[GroupCall], Tuple[List[torch.Tensor], Optional[torch.Tensor]]]
 
 
@@ -83,18 +103,14 @@ def reduce_blocks(spec: Callable[[int], DotsSpec], operands: Operands, per_row: 
     def partial(call: GroupCall, span: Span, stats) -> Tuple[torch.Tensor, bool]:
         inputs, base = operands(call)
         step = cols(span.shape, call) or BLOCK_CHUNK
-        full = span.numel // step * step
-        parts = [(0, full, full // step)] if full else []
-        parts += [(full, span.numel, 1)] if full < span.numel else []
-        jobs = [DotsJob([x[a:b] for x in inputs], None if base is None else base[a:b], rows) for a, b, rows in parts]
-        return group_sums(jobs, spec(len(inputs)), call.backend), not cols(span.shape, call)
+        return chunk_sums(spec(len(inputs)), inputs, base, call.backend, step), not cols(span.shape, call)
 
     def combine(total, part):
         return torch.cat([total[0], part[0]]), total[1]
 
     def finish(total, stats) -> torch.Tensor:
         sums, per_tensor = total
-        return tree_sum(sums, torch.tensor([sums.shape[0]])) if per_tensor else sums
+        return tensor_sums(sums) if per_tensor else sums
 
     def merge_block(call: GroupCall, span: Span, sums: torch.Tensor) -> StateDict:
         c = cols(span.shape, call)

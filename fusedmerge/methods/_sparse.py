@@ -52,6 +52,14 @@ def acc_tau(slot: Slot, i: int, acc: torch.dtype) -> torch.Tensor:
     return slot.inputs[i].to(acc) - slot.base.to(acc)
 
 
+def slot_chunks(slot: Slot, step: int) -> List[Slot]:
+    """slot as consecutive 1-D slots of `step` elements (the last one what remains)."""
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    out, inputs, base = slot.out.view(-1), [flat(x) for x in slot.inputs], flat(slot.base)  # out: written
+    return [Slot(slot.key, out[a:a + step], [x[a:a + step] for x in inputs], base[a:a + step])
+            for a in range(0, out.numel(), step)]
+
+
 def l1_sum(t: torch.Tensor, backend: str, zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """‖t‖₁, for mergekit's rescaled_masked_tensor with the L1 norm. fp32: summed exactly (the `l1_buckets`
     primitive: int64 [256] exponent buckets, the same on every backend and device; the sums of a tensor's row
@@ -104,22 +112,36 @@ def gta_tail(slot: Slot, deltas: Sequence[torch.Tensor], weights: Sequence[float
     dispatch.run("combine", [CombineJob(slot.out, [*deltas, slot.base], coeffs)], backend)
 
 
-# Order statistics over row blocks: the exact k-th largest |τ_m| bits of a whole tensor for each selection
-# (m, k) (TIES's trim thresholds, breadcrumbs' band), selected digit by digit (16 bits per pass, most
-# significant first) from histograms of the blocks summed as integers — a radix selection, exact and
-# independent of the blocks; 32-bit magnitudes (fp32 accumulation) skip the two upper digits.
+# Order statistics over row blocks: the exact k-th largest magnitude bits of a whole tensor for each selection
+# (m, k) (TIES's trim thresholds, breadcrumbs' band, sce's variance threshold), selected digit by digit (16
+# bits per pass, most significant first) from histograms of the blocks summed as integers — a radix
+# selection, exact and independent of the blocks; 32-bit magnitudes (fp32 accumulation) skip the two upper
+# digits.
 DIGIT = 16
 SELECT_CHUNK = 1 << 18  # elements whose magnitudes are histogrammed at once
 
-
-def radix_passes(selections: Callable[[GroupCall, Span], Tuple[List[int], List[int]]]) -> Tuple[BlockPass, ...]:
-    """The passes of a radix selection; selections(call, span) gives (ks, models): the k and the model index
-    of each selection (the same for every block). The last pass's statistics are (thresholds, ks, models):
-    thresholds[j] the bits of the ks[j]-th largest |τ_models[j]| (0 for integer tensors, not selected)."""
-    return tuple(_digit_pass(d, selections) for d in (3, 2, 1, 0))
+Rank = Union[int, Callable[[int], int]]
+Values = Callable[[torch.Tensor, Sequence[torch.Tensor], int], torch.Tensor]
 
 
-def _digit_pass(d: int, selections) -> BlockPass:
+def task_values(base: torch.Tensor, inputs: Sequence[torch.Tensor], m: int) -> torch.Tensor:
+    """τ_m = x_m − θ0 of a chunk (base: in the accumulation dtype; inputs: as stored)."""
+    return inputs[m].to(base.dtype) - base
+
+
+def radix_passes(selections: Callable[[GroupCall, Span], Tuple[List[Rank], List[int]]],
+                 values: Values = task_values) -> Tuple[BlockPass, ...]:
+    """The passes of a radix selection; selections(call, span) gives (ks, models): the rank k and the model
+    index of each selection (the same for every block), a rank either a number or a function of the count of
+    nonzero magnitudes of its model's values in the whole tensor (counted in the first pass that reads them).
+    values(base, inputs, m): model m's values in one chunk (base in the accumulation dtype, inputs as stored;
+    default τ_m), whose magnitudes are selected.
+    The last pass's statistics are (thresholds, ks, models): thresholds[j] the bits of the ks[j]-th largest
+    magnitude of models[j]'s values (0 for integer tensors, not selected; None for a rank of 0: nothing)."""
+    return tuple(_digit_pass(d, selections, values) for d in (3, 2, 1, 0))
+
+
+def _digit_pass(d: int, selections, values: Values) -> BlockPass:
     shift = DIGIT * d
 
     def partial(call: GroupCall, span: Span, stats):
@@ -127,34 +149,43 @@ def _digit_pass(d: int, selections) -> BlockPass:
         ks, models = (stats[1], stats[2]) if stats else selections(call, span)
         acc = torch.float64 if any(t.dtype == torch.float64 for t in [base, *inputs]) else torch.float32
         if not base.is_floating_point() or acc == torch.float32 and shift >= 32:
-            return ks, models, None  # integer tensors are not selected; 32-bit magnitudes have no upper digits
+            return ks, models, None, None  # integer tensors are not selected; 32-bit magnitudes have no upper digits
         # selections of one model with the same higher digits share a histogram; none to filter on in the
         # first pass, nor above the magnitudes' width (fp32's 32 bits)
         filtered = stats is not None and shift + DIGIT < (64 if acc == torch.float64 else 32)
         shared = [(m, stats[0][j] >> (shift + DIGIT) if filtered else None) for j, m in enumerate(models)]
         hists = {key: torch.zeros(1 << DIGIT, dtype=torch.int64, device=base.device) for key in shared}
-        for start in range(0, base.numel(), SELECT_CHUNK):  # temporaries of one chunk at a time
+        counted = any(callable(k) for k in ks)  # ranks still to be resolved: the first pass that reads
+        nonzero = torch.zeros(len(inputs), dtype=torch.int64)
+        for start in range(0, base.numel() if models else 0, SELECT_CHUNK):  # temporaries of one chunk at a time
             b = base[start:start + SELECT_CHUNK].to(acc)
+            chunk = [x[start:start + SELECT_CHUNK] for x in inputs]
             for m in sorted(set(models)):
-                bits = magnitude_bits(inputs[m][start:start + SELECT_CHUNK].to(acc) - b)
+                bits = magnitude_bits(values(b, chunk, m))
+                nonzero[m] += int(torch.count_nonzero(bits)) if counted else 0
                 for (mk, high), h in hists.items():
                     if mk == m:
                         mine = bits if high is None else bits[(bits >> (shift + DIGIT)) == high]
                         h += torch.bincount((mine >> shift) & 0xFFFF, minlength=1 << DIGIT)
         empty = torch.zeros((0, 1 << DIGIT), dtype=torch.int64, device=base.device)
-        return ks, models, torch.stack([hists[key] for key in shared]) if shared else empty
+        return ks, models, torch.stack([hists[key] for key in shared]) if shared else empty, nonzero
+
+    def combine(a, b):
+        return (a[0], a[1]) + ((None, None) if a[2] is None else (a[2] + b[2], a[3] + b[3]))
 
     def finish(total, stats):
-        ks, models, hists = total
+        ks, models, hists, nonzero = total
         prefixes = list(stats[0]) if stats else [0] * len(ks)
         if hists is None:
             return prefixes, ks, models
-        ks = list(ks)
+        ks = [k(int(nonzero[m])) if callable(k) else k for k, m in zip(ks, models)]
         for j, h in enumerate(hists):
             above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[g]: count with digit ≥ g
             g = int(torch.nonzero(above >= ks[j]).max())
             prefixes[j] |= g << shift
             ks[j] -= int(above[g]) - int(h[g])
+        if shift == 0:  # a rank of 0 keeps 0 to the end (any other at least 1): its digits say nothing
+            prefixes = [None if k == 0 else p for p, k in zip(prefixes, ks)]
         return prefixes, ks, models
 
-    return BlockPass(partial, lambda a, b: (a[0], a[1], None if a[2] is None else a[2] + b[2]), finish)
+    return BlockPass(partial, combine, finish)

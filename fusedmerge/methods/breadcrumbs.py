@@ -31,7 +31,7 @@ from .. import dispatch
 from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
 from ..reference import CombineJob, TiesSpec, magnitude_view
-from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, radix_passes, spread
+from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, radix_passes, slot_chunks, spread
 from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
@@ -117,19 +117,11 @@ def _kept(slot: Slot, pairs, n: int, thresholds) -> Iterator[Tuple[torch.Tensor,
 CHUNK = 1 << 20  # elements merged at once (the module docstring; same bits: tests/test_breadcrumbs.py)
 
 
-def _chunks(slot: Slot, step: int) -> List[Slot]:
-    """slot as consecutive 1-D slots of `step` elements (the last one what remains)."""
-    flat = lambda t: t.reshape(-1)  # noqa: E731
-    out, inputs, base = slot.out.view(-1), [flat(x) for x in slot.inputs], flat(slot.base)  # out: written
-    return [Slot(slot.key, out[a:a + step], [x[a:a + step] for x in inputs], base[a:a + step])
-            for a in range(0, out.numel(), step)]
-
-
 def _sums(slot: Slot, pairs, n: int, thresholds, backend: str) -> List[Optional[torch.Tensor]]:
     """Per model l1_sums (None where d ≥ 1) of slot, chunk by chunk: fp32's are exact integer sums, so the
     chunks' add up to the slot's bits; fp64's are not, and are taken over the whole slot."""
     acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
-    chunks = _chunks(slot, slot.out.numel() if acc == torch.float64 else CHUNK)
+    chunks = slot_chunks(slot, slot.out.numel() if acc == torch.float64 else CHUNK)
     parts = [[None if kept is None else l1_sums(tau, kept, backend) for tau, kept in _kept(c, pairs, n, thresholds)]
              for c in chunks]
     return [None if s[0] is None else sum(s[1:], s[0]) for s in zip(*parts)]
@@ -144,7 +136,7 @@ def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, 
     if o.rescale and sums is None:
         sums = _sums(slot, pairs, n, thresholds, backend)
     factors = [1.0 if s is None else l1_factor(s) for s in (sums if o.rescale else [None] * len(pairs))]
-    for chunk in _chunks(slot, CHUNK):
+    for chunk in slot_chunks(slot, CHUNK):
         deltas = []
         for (tau, kept), f in zip(_kept(chunk, pairs, n, thresholds), factors):
             if kept is not None and f != 1.0:
