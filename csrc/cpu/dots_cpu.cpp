@@ -151,6 +151,15 @@ double scalar_tree(const A* __restrict ua, const A* __restrict uc, int64_t m, do
   return q[0];
 }
 
+// dst[e] = x[start + e] − b[e] for e < n: x (dtype code dt) widened exactly to A, one subtraction in A.
+template <typename A>
+void load_diff(A* __restrict dst, const void* x, int64_t dt, int64_t start, int64_t n, const A* __restrict b) {
+  dispatch_dtype(dt, [&](auto tag) {
+    const auto* p = reinterpret_cast<const typename decltype(tag)::type*>(at(x, dt, start));
+    for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<A>(widen(p[e])) - b[e];
+  });
+}
+
 // u[j * m + e] for every input j in a pair (used[j]; zero from n up to the power of two m ≥ n), then each
 // pair's tree; in chunks that fill the lanes, each used input is first transposed and widened once, into
 // wide[j * m ...] (transposed_wide).
@@ -165,16 +174,16 @@ void dots_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t n,
   if (has_base) load_any(b, row.base(), row.base_dtype(), start, n);
   for (int64_t j = 0; j < n_inputs; ++j) {
     if (!used[j]) continue;
-    A* uj = u + j * m;
-    load_any(uj, row.input(j), row.input_dtype(j), start, n);
-    if (has_base)
-      for (int64_t e = 0; e < n; ++e) uj[e] = uj[e] - b[e];
+    A* uj = lanes ? u : u + j * m;  // transposed at once: one scratch row suffices
+    if (has_base) load_diff(uj, row.input(j), row.input_dtype(j), start, n, b);
+    else load_any(uj, row.input(j), row.input_dtype(j), start, n);
     std::fill(uj + n, uj + m, A(0));
     if (lanes) transposed_wide(uj, m, wide + j * m);
   }
   if (n > 0 && lanes) {
     const int64_t positions = m / kLanes;
-    if (positions >= 8) pair_trees<8>(wide, m, p.pairs, p.n_pairs, stack, out);
+    if (positions >= 16) pair_trees<16>(wide, m, p.pairs, p.n_pairs, stack, out);  // 16: measured best
+    else if (positions == 8) pair_trees<8>(wide, m, p.pairs, p.n_pairs, stack, out);
     else if (positions == 4) pair_trees<4>(wide, m, p.pairs, p.n_pairs, stack, out);
     else pair_trees<2>(wide, m, p.pairs, p.n_pairs, stack, out);
     return;
