@@ -91,7 +91,7 @@ void combine_chunk(const TableRow& row, int64_t n_inputs, int64_t start, int64_t
 
 void combine(const int64_t* table, int64_t n_tensors, int64_t n_inputs) {
   const ChunkGrid chunks(table, n_tensors, n_inputs, kChunk);
-#pragma omp parallel for schedule(static) if (worth_threads(chunks.total() * kChunk * n_inputs))
+#pragma omp parallel for schedule(dynamic, 256) if (worth_threads(chunks.total() * kChunk * n_inputs))
   for (int64_t g = 0; g < chunks.total(); ++g) {
     const ChunkGrid::Span c = chunks[g];
     const TableRow row(table, n_inputs, c.row);
@@ -114,7 +114,7 @@ void l1_buckets(const int64_t* table, int64_t n_tensors, int64_t n_inputs, int64
     alignas(64) float b[kChunk];
     alignas(64) float tau[kChunk];
     alignas(64) uint32_t words[kChunk];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 256)
     for (int64_t g = 0; g < chunks.total(); ++g) {
       const ChunkGrid::Span c = chunks[g];
       const TableRow row(table, n_inputs, c.row);

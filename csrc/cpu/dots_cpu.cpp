@@ -229,7 +229,7 @@ void dots(const int64_t* table, int64_t n_tensors, int64_t n_inputs, const DotsP
     std::vector<double> wide(n_inputs * kDotsChunk);
     std::vector<VD> stack(p.n_pairs * kLevels);
     std::vector<double> q(kLanes * kLanes / 2), r(kLanes * kLanes / 2);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 64)
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t tr = owner(first_chunk, k), in_row = (k - first_chunk[tr]) % per_row[tr] * kDotsChunk;
       const int64_t start = (k - first_chunk[tr]) / per_row[tr] * cols[tr] + in_row;

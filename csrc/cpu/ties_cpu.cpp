@@ -449,7 +449,7 @@ void for_each_voted_chunk(const int64_t* table, int64_t n_tensors, int64_t n_inp
     float* b = scratches[omp_get_thread_num()].data();
     float* s = b + kChunk;
     float* trimmed = s + kChunk;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 256)
     for (int64_t g = 0; g < chunks.total(); ++g) {
       const ChunkGrid::Span c = chunks[g];
       const TableRow row(table, n_inputs, c.row);
