@@ -262,43 +262,45 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
     blocked = {i for i, g in enumerate(groups) if blocks is not None and cost[g[0]] > limit}
     writer = ShardWriter(plan, tmp, rank)
     progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
+    pool = ThreadPoolExecutor(1)
     try:
         # One background thread, jobs in order: prefetch group i + 1 while group i is merged; write and release a
         # merged group while the next one is merged, then prefetch the one after (so that memory holds the group
         # being merged and one more group's worth: its written outputs or the next inputs, the budget).
-        with ThreadPoolExecutor(1) as pool:
-            reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
-            touched = {j: pool.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
-            writes: List[Future] = []
-            for i, group in enumerate(groups):
-                touched.pop(i).result()
-                while writes and writes[0].done():
+        reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
+        touched = {j: pool.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
+        writes: List[Future] = []
+        for i, group in enumerate(groups):
+            touched.pop(i).result()
+            while writes and writes[0].done():
+                writes.pop(0).result()
+            _check_unchanged(dirs)
+            if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
+                while writes:  # the shard's earlier tensors first
                     writes.pop(0).result()
-                _check_unchanged(dirs)
-                if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
-                    while writes:  # the shard's earlier tensors first
-                        writes.pop(0).result()
-                    k = group[0]
-                    sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
-                    call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
-                    dtype, shape = plan.entries[k]
-                    writer.write_blocks(k, merge_tensor(k, blocks, sources, shape, dtype, limit, opts.device, call,
-                                                        targets.cfg.spec.merge), shape)
-                else:
-                    merged = {}
-                    for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
-                        merged.update(targets.cfg.spec.merge(call))
-                        del call
-                    outputs = [(k, merged.pop(k).to("cpu")) for k in group]
-                    writes.append(pool.submit(_write_group, writer, outputs, dirs, targets.reads(group)))
-                    del outputs
-                if i + 2 < len(groups):
-                    touched[i + 2] = pool.submit(_touch, dirs, reads(i + 2))
-                progress.update(len(group), sum(plan.nbytes(k) for k in group))
-                _check_unchanged(dirs)
-            for w in writes:
-                w.result()
-    except BaseException:
+                k = group[0]
+                sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
+                call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
+                dtype, shape = plan.entries[k]
+                writer.write_blocks(k, merge_tensor(k, blocks, sources, shape, dtype, limit, opts.device, call,
+                                                    targets.cfg.spec.merge), shape)
+            else:
+                merged = {}
+                for call in targets.calls(group, opts.device, opts.backend):  # one per parameter signature
+                    merged.update(targets.cfg.spec.merge(call))
+                    del call
+                outputs = [(k, merged.pop(k).to("cpu")) for k in group]
+                writes.append(pool.submit(_write_group, writer, outputs, dirs, targets.reads(group)))
+                del outputs
+            if i + 2 < len(groups):
+                touched[i + 2] = pool.submit(_touch, dirs, reads(i + 2))
+            progress.update(len(group), sum(plan.nbytes(k) for k in group))
+            _check_unchanged(dirs)
+        for w in writes:
+            w.result()
+    except BaseException:  # a failure or a signal: the jobs not yet started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.close(failed=True)
         raise
+    pool.shutdown()
     writer.close()
