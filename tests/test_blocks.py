@@ -12,7 +12,7 @@ import torch
 from conftest import CPU_BACKENDS
 from fusedmerge import cli, dispatch
 from fusedmerge.checkpoint import merge, output
-from fusedmerge.checkpoint.blocks import merge_tensor, spans
+from fusedmerge.checkpoint.blocks import block_stats, merge_tensor, spans
 from fusedmerge.checkpoint.safetensors import write_file
 from fusedmerge.methods import CONFIG_METHODS, GroupCall, _reduce
 from fusedmerge.philox import drop_threshold
@@ -270,13 +270,7 @@ def test_arcee_fusion_blocks_gather_the_whole_tensors_sample(shape, rows, monkey
     assert len(parts) == 3
     cut = lambda t, span: {"w": t.reshape(-1)[span.first:span.first + span.numel]}  # noqa: E731
     call = lambda span: GroupCall(cut(base, span), [cut(x, span)], [1.0], [None], {}, seed=3)  # noqa: E731
-    stats = None
-    for step in blocks.passes:  # as checkpoint/blocks.py merge_tensor
-        total = None
-        for span in parts:
-            partial = step.partial(call(span), span, stats)
-            total = partial if total is None else step.combine(total, partial)
-        stats = step.finish(total, stats)
+    stats = block_stats(blocks, parts, call)
     got = torch.cat([blocks.merge(call(span), span, stats)["w"] for span in parts])
     assert len(samples) == 2 and samples[0].numel() == min(whole.numel(), 10**6)
     assert torch.equal(samples[1], samples[0])

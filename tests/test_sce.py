@@ -9,7 +9,7 @@ from test_della import SHAPES, _models
 
 import fusedmerge
 from conftest import within_ulps
-from fusedmerge.checkpoint.blocks import spans
+from fusedmerge.checkpoint.blocks import block_stats, spans
 from fusedmerge.methods import GroupCall, _reduce, _sparse, sce
 from fusedmerge.reductions import DotsJob, DotsSpec, dots_reference
 from fusedmerge.reference import magnitude_view
@@ -106,13 +106,7 @@ def _blocked(base, xs, topk, block):
     cut = lambda t, span: {"w": t.reshape(-1)[span.first:span.first + span.numel]}  # noqa: E731
     call = lambda span: GroupCall(cut(base, span), [cut(x, span) for x in xs], [1.0] * len(xs),  # noqa: E731
                                   [None] * len(xs), {"select_topk": topk})
-    stats = None
-    for p in blocks.passes:
-        total = None
-        for span in parts:
-            part = p.partial(call(span), span, stats)
-            total = part if total is None else p.combine(total, part)
-        stats = p.finish(total, stats)
+    stats = block_stats(blocks, parts, call)
     return torch.cat([blocks.merge(call(span), span, stats)["w"] for span in parts]).reshape(base.shape), stats
 
 

@@ -34,6 +34,21 @@ def block_bytes(in_sizes: Sequence[int], out_size: int) -> int:
     return sum(in_sizes) + out_size + 4 * len(in_sizes)
 
 
+def block_stats(blocks: RowBlocks, parts: Sequence[Span], call_of: Callable[[Span], GroupCall],
+                release: Callable[[Span], None] = lambda span: None):
+    """The statistics of the last pass of `blocks` (None without passes): each pass reads every span in order
+    (call_of(span): the GroupCall of a block; release(span) once it is read)."""
+    stats = None
+    for p in blocks.passes:
+        total = None
+        for span in parts:
+            partial = p.partial(call_of(span), span, stats)
+            total = partial if total is None else p.combine(total, partial)
+            release(span)
+        stats = p.finish(total, stats)
+    return stats
+
+
 def merge_tensor(key: str, blocks: RowBlocks, sources: Sequence[Tuple[ModelDir, str]], shape: Sequence[int],
                  out_dtype: torch.dtype, limit: int, device: torch.device,
                  make_call: Callable[[List[torch.Tensor]], GroupCall],
@@ -53,14 +68,7 @@ def merge_tensor(key: str, blocks: RowBlocks, sources: Sequence[Tuple[ModelDir, 
         for (d, name), size in zip(sources, sizes):
             d.release_bytes(name, span.first * size, (span.first + span.numel) * size)
 
-    stats = None
-    for p in blocks.passes:
-        total = None
-        for span in parts:
-            partial = p.partial(call_of(span), span, stats)
-            total = partial if total is None else p.combine(total, partial)
-            release(span)
-        stats = p.finish(total, stats)
+    stats = block_stats(blocks, parts, call_of, release)
     for span in parts:
         call = call_of(span)
         merged = blocks.merge(call, span, stats) if blocks.merge is not None else whole_merge(call)
