@@ -6,7 +6,8 @@ model with t a gradient per filter over one slice (mergekit's examples/gradient-
 RSS of each command in one run. Issue targets on this CPU: ≥ 3× faster, ≤ ¼ of mergekit's peak RSS.
 
 The checkpoints (≈ 7.6 GB) are generated once into $FUSEDMERGE_E2E_DIR (default /tmp/fusedmerge-e2e) and
-read once before each command, so both start from the page cache.
+read once before each command, so both start from the page cache; the outputs of earlier commands are deleted
+first (1.9 GB each: left in the page cache they squeeze the free memory every later command's writes need).
 """
 
 import json
@@ -112,7 +113,9 @@ def test_merge_end_to_end(benchmark, method, impl):
     checkpoints()
     cfg = config(method)
     out = os.path.join(ROOT, f"out-{method}-{impl}")
-    shutil.rmtree(out, ignore_errors=True)
+    for earlier in os.listdir(ROOT):  # every earlier output: each command starts with the same free memory
+        if earlier.startswith("out-"):
+            shutil.rmtree(os.path.join(ROOT, earlier), ignore_errors=True)
     warm_page_cache()
     results = []
     benchmark.group = f"e2e {method} ~0.95B bf16 base+{1 if method == 'slerp' else MODELS}"
