@@ -161,11 +161,16 @@ def _pruned(slot: Slot, o: DellaOptions, ladders, backend: str, first: int, with
     return kept, sums
 
 
+CHUNK = 1 << 20  # elements of a 2-D fp32-accumulated tensor pruned and merged at once (_della_rows)
+
+
 def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: str, first: int = 0,
                 sums=None) -> None:
     """slot.out from slot's tensors; first and sums when the slot is a row block: its first element in the
     whole tensor and the whole tensor's L1 sums (else this slot's own)."""
     acc = CombineJob(slot.out, slot.inputs, w, slot.base).acc_dtype
+    if acc == torch.float32 and slot.out.dim() == 2 and slot.out.numel() > CHUNK:
+        return _della_rows(slot, o, w, ladders, backend, first, sums)
     zeros = torch.zeros(as_rows(slot.out).shape, dtype=acc, device=slot.out.device)
     kept, own = _pruned(slot, o, ladders, backend, first, o.rescale and sums is None, zeros)
     for i, s in enumerate(own if sums is None else sums):
@@ -174,6 +179,44 @@ def _della_slot(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: s
             kept[i].mul_(torch.tensor(f, dtype=kept[i].dtype, device=kept[i].device))
     deltas = [from_rows(k, slot.out.shape).contiguous() for k in kept]
     gta_tail(slot, deltas, w, o.scaling, o.normalize, o.consensus, backend, zeros=zeros)
+
+
+def _della_rows(slot: Slot, o: DellaOptions, w: List[float], ladders, backend: str, first: int, sums) -> None:
+    """_della_slot of a 2-D fp32-accumulated tensor, CHUNK elements of whole rows (of whole Philox groups) at a
+    time, so that N task vectors are never held whole: a first pass draws each chunk's masks (its elements'
+    uniforms, as in row blocks) and keeps only the drop masks (1 byte an element per model) and the exact L1
+    sums; the second prunes, rescales and merges chunk after chunk. The whole slot's bits."""
+    n = slot.out.shape[1]
+    step = max(CHUNK // math.lcm(n, GROUP), 1) * math.lcm(n, GROUP) // n  # rows
+    pieces = [(r, Slot(slot.key, slot.out[r:r + step], [x[r:r + step] for x in slot.inputs], slot.base[r:r + step]))
+              for r in range(0, slot.out.shape[0], step)]
+    pruned = [i for i, (d, _) in enumerate(ladders) if d < 1]
+    drops = {i: torch.empty(slot.out.shape, dtype=torch.bool, device=slot.out.device) for i in pruned}
+    own = [None] * len(ladders)
+    for r, piece in pieces:
+        base, scratch = piece.base.to(torch.float32), None
+        for i in pruned:
+            tau = piece.inputs[i] - base
+            scratch = scratch or _scratch(tau)
+            d, e = ladders[i]
+            drop = drops[i][r:r + step].copy_(_drops(tau, d, e, mask_key(o.seed, i, slot.key), backend, first + r * n,
+                                                     scratch))
+            if o.rescale and sums is None:
+                part = torch.stack([l1_sum(tau, backend), l1_sum(tau.masked_fill_(drop, 0.0), backend)])
+                own[i] = part if own[i] is None else own[i] + part
+    factors = [1.0 if s is None else l1_factor(s) for s in (own if sums is None else sums)]
+    for r, piece in pieces:
+        base = piece.base.to(torch.float32)
+        deltas = []
+        for i, x in enumerate(piece.inputs):
+            tau = x - base
+            if i in drops:
+                tau.masked_fill_(drops[i][r:r + step], 0.0)
+            if factors[i] != 1.0:
+                tau.mul_(torch.tensor(factors[i], dtype=tau.dtype, device=tau.device))
+            deltas.append(tau)
+        gta_tail(piece, deltas, w, o.scaling, o.normalize, o.consensus, backend,
+                 zeros=torch.zeros(piece.out.shape, dtype=torch.float32, device=piece.out.device))
 
 
 @torch.no_grad()
