@@ -5,10 +5,9 @@ Plan (the same on every rank, from the headers alone): the output keys in the re
 by one rank (balanced by bytes). A rank streams its keys in groups of at most half the memory budget: while
 one group is merged, a background thread writes the previous one and then reads the next one's pages
 (madvise POPULATE_READ or WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is
-written. Shards are
-written as they fill, into a temporary directory beside OUT_DIR that is renamed to OUT_DIR only when every
-rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes it and says why
-(checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
+written. Shards are written as they fill, into a temporary directory beside OUT_DIR that is renamed to
+OUT_DIR only when every rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes
+it and says why (checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
 """
 
 from __future__ import annotations

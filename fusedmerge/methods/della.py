@@ -228,8 +228,9 @@ def della(base, inputs, *, weights: Optional[Sequence[float]] = None,
     task-vector entry with probability (d−ε) + 2ε·(its magnitude rank)/(n−1), rescale to the task vector's
     L1 norm (`rescale`), then θ0 + λ·Σ agreeᵢ·wᵢδᵢ / Σ agreeᵢ·wᵢ (`consensus`, `normalize`) or θ0 +
     λ·Σ wᵢδᵢ / Σ wᵢ (della_linear: consensus=False, normalize as wished). `scaling` is mergekit's λ; masks are
-    keyed by (seed, model index, tensor name). Tensor by tensor: N task vectors of one tensor are held
-    (`fusedmerge merge` merges a tensor over its budget in row blocks: the module's RowBlocks)."""
+    keyed by (seed, model index, tensor name). Tensor by tensor; a 2-D fp32-accumulated tensor over CHUNK
+    elements CHUNK at a time (_della_rows), others with N task vectors held (`fusedmerge merge` merges a tensor
+    over its budget in row blocks: the module's RowBlocks)."""
     o = DellaOptions(weights, density, epsilon, scaling, normalize, consensus, rescale, seed, name, out_dtype)
     forms, merged, slots, w, ladders = _prepared(o, base, inputs)
     for slot in slots:
