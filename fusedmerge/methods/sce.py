@@ -23,7 +23,8 @@ loaded core), well below torch.var of a stacked copy (125 ms). fp64 models: the 
 
 Every output entry depends on its own inputs once the k-th variance and the sᵢ are known, so a tensor is
 worked on CHUNK elements at a time: its τᵢ and τ̂ᵢ are never held whole, nor stacked (v is, once, for the
-whole tensor's `select` launch). `fusedmerge merge` streams a tensor over the budget in row blocks
+whole tensor's `select` launch; then only where it is below the k-th, as one bool mask that the two
+later passes reuse). `fusedmerge merge` streams a tensor over the budget in row blocks
 (MERGEKIT_SCE.blocks): the k-th variance by the radix selection over blocks of _sparse.radix_passes (the
 nonzero count gathered in its first pass), then the sᵢ's chunk sums, then the merge — the whole tensor's
 bits (tests/test_sce.py, tests/test_blocks.py).
@@ -89,34 +90,45 @@ def _step() -> int:
     return max(CHUNK, _reduce.BLOCK_CHUNK)
 
 
-def _masked(piece: Slot, threshold: Optional[int], select: bool) -> List[torch.Tensor]:
+def _masked(piece: Slot, threshold: Optional[int], select: bool,
+            drop: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """τ̂ᵢ of a piece in the accumulation dtype: τᵢ where |v| ≥ threshold (bits), all of them without
-    `select`, none for a threshold None (k = 0)."""
+    `select`, none for a threshold None (k = 0); drop: the piece's |v| < threshold when already known."""
     acc = CombineJob(piece.out, piece.inputs, [1.0] * len(piece.inputs), piece.base).acc_dtype
     taus = [acc_tau(piece, i, acc) for i in range(len(piece.inputs))]
     if select:
-        drop = magnitude_view(variance(taus)) < threshold if threshold is not None else None
+        if threshold is not None and drop is None:
+            drop = magnitude_view(variance(taus)) < threshold
         for t in taus:
-            t.zero_() if drop is None else t.masked_fill_(drop, 0)
+            t.zero_() if threshold is None else t.masked_fill_(drop, 0)
     return taus
 
 
-def _chunk_sums(slot: Slot, threshold: Optional[int], select: bool, backend: str) -> torch.Tensor:
+def _pieces(slot: Slot, drop: Optional[torch.Tensor]) -> List[Tuple[Slot, Optional[torch.Tensor]]]:
+    """The slot's pieces of _step() elements, each with its part of the flat `drop` mask (None: not known)."""
+    step = _step()
+    return [(p, None if drop is None else drop[j * step:(j + 1) * step]) for j, p in enumerate(slot_chunks(slot, step))]
+
+
+def _chunk_sums(slot: Slot, threshold: Optional[int], select: bool, backend: str,
+                drop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The chunk sums of Σ τ̂ᵢ² (i = 0..T−1) over slot (a tensor, or a block of it starting at a multiple of
     BLOCK_CHUNK): fp64 [chunks, T], piece by piece."""
     spec = DotsSpec(tuple((i, i) for i in range(len(slot.inputs))))
-    return torch.cat([chunk_sums(spec, _masked(p, threshold, select), None, backend) for p in slot_chunks(slot, _step())])
+    return torch.cat([chunk_sums(spec, _masked(p, threshold, select, d), None, backend) for p, d in _pieces(slot, drop)])
 
 
-def _threshold(slot: Slot, topk: float, backend: str) -> Optional[int]:
-    """The bits of the k-th largest |v| of the whole slot (one `select` launch), None when k = 0."""
+def _threshold(slot: Slot, topk: float, backend: str) -> Tuple[Optional[int], Optional[torch.Tensor]]:
+    """The bits of the k-th largest |v| of the whole slot (one `select` launch), None when k = 0, and where
+    |v| is below them (flat bool, kept for the later passes instead of computing v again)."""
     acc = CombineJob(slot.out, slot.inputs, [1.0] * len(slot.inputs), slot.base).acc_dtype
     v = torch.cat([variance([acc_tau(p, i, acc) for i in range(len(p.inputs))]) for p in slot_chunks(slot, _step())])
     k = _rank(topk)(int(torch.count_nonzero(v)))
     if k == 0:
-        return None
+        return None, None
     spec = TiesSpec(weights=[1.0], scaling=1.0, ks=[[k]])
-    return int(dispatch.run("select", [CombineJob(v, [v], [1.0], torch.zeros_like(v))], backend, spec)[0, 0])
+    threshold = int(dispatch.run("select", [CombineJob(v, [v], [1.0], torch.zeros_like(v))], backend, spec)[0, 0])
+    return threshold, magnitude_view(v) < threshold
 
 
 def _rank(topk: float):
@@ -134,14 +146,14 @@ def _weights(sums: torch.Tensor, n: int) -> List[float]:
 def _sce_slot(slot: Slot, topk: float, backend: str, stats=None, n: Optional[int] = None) -> None:
     """slot.out, CHUNK elements at a time; stats and n when the slot is a row block: the whole tensor's
     (threshold, sums) and size (else the slot's own)."""
-    select = topk < 1
+    select, drop = topk < 1, None
     if stats is None:
-        threshold = _threshold(slot, topk, backend) if select else None
-        stats = threshold, tensor_sums(_chunk_sums(slot, threshold, select, backend))
+        threshold, drop = _threshold(slot, topk, backend) if select else (None, None)
+        stats = threshold, tensor_sums(_chunk_sums(slot, threshold, select, backend, drop))
     threshold, sums = stats
     w = _weights(sums, slot.out.numel() if n is None else n)
-    for piece in slot_chunks(slot, _step()):
-        gta_tail(piece, _masked(piece, threshold, select), w, 1.0, True, True, backend, weighted_vote=False)
+    for piece, d in _pieces(slot, drop):
+        gta_tail(piece, _masked(piece, threshold, select, d), w, 1.0, True, True, backend, weighted_vote=False)
 
 
 def _sce(o: SceOptions, base, inputs, backend: str, span: Optional[Span] = None, stats=None):
