@@ -346,3 +346,18 @@ def test_prefetch_and_release_advise_the_mapped_pages_and_report_errors(tmp_path
                 f._advise(["x"], 12345)
     finally:
         f.close()
+
+
+def test_maps_tells_views_of_the_mapped_file_from_other_tensors(tmp_path):
+    """The merge drops a group's input pages as soon as it is merged unless an output is a view of them
+    (passthrough): `maps` must recognise such views, and only them."""
+    x = torch.arange(20_000, dtype=torch.float32).reshape(200, 100)
+    write_file(str(tmp_path / "model.safetensors"), {"x": x, "y": x[:3].clone()})
+    d = ModelDir(str(tmp_path))
+    try:
+        view = d.tensor("x")
+        assert d.maps(view) and d.maps(view[150:]) and d.maps(d.tensor("y").reshape(-1)[1:])
+        assert not d.maps(view.clone()) and not d.maps(x) and not d.maps(torch.empty(0))
+        assert not d.maps(view.to(torch.float64))
+    finally:
+        d.close()

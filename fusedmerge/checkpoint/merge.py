@@ -107,12 +107,35 @@ def _touch(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
 
 def _write_group(writer: ShardWriter, outputs: List[Tuple[str, torch.Tensor]], dirs: Sequence[ModelDir],
                  reads: Sequence[Sequence[str]]) -> None:
-    """Write a merged group's tensors (in the background thread), then drop its inputs' pages."""
+    """Write a merged group's tensors (in the writing thread), then drop the pages of `reads`: the inputs of
+    outputs that are views of them (none for the others: their inputs were dropped once merged)."""
     for k, t in outputs:
         writer.write(k, t)
     outputs.clear()
+    _release(dirs, reads)
+
+
+def _release(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
     for d, names in zip(dirs, reads):
         d.release(names)
+
+
+def _touch_after(writes: Sequence[Future], dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
+    """`_touch` once `writes` are done (their memory is needed for these pages)."""
+    for w in writes:
+        w.result()
+    _touch(dirs, reads)
+
+
+def _unfinished(writes: List[Tuple[Future, int]]) -> List[Tuple[Future, int]]:
+    """The writes not done yet; a failed one raises its error."""
+    left = []
+    for w, n in writes:
+        if w.done():
+            w.result()
+        else:
+            left.append((w, n))
+    return left
 
 
 def _check_unchanged(dirs: Sequence[ModelDir]) -> None:
@@ -274,30 +297,34 @@ def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, di
 
 
 def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts: Options, rank: int) -> None:
+    """This rank's groups in turn on this thread; a prefetch thread maps the inputs of group i + 2 while group
+    i + 1 is merged, and a writing thread writes group i meanwhile (disk time: checkpoint/shard_file.py). A
+    group's inputs are dropped as soon as it is merged, so memory holds the group being merged, the next
+    group's inputs and the outputs being written; where that would exceed the budget, the prefetch waits for
+    the writes."""
     mine = plan.keys_of(rank)
-    cost = {k: targets.nbytes(k) + plan.nbytes(k) for k in mine}
+    in_bytes, out_bytes = {k: targets.nbytes(k) for k in mine}, {k: plan.nbytes(k) for k in mine}
+    cost = {k: in_bytes[k] + out_bytes[k] for k in mine}
     limit = max(opts.memory_budget // 2, 1)
     groups = _groups(mine, cost, limit)
     blocks = targets.cfg.spec.blocks
     blocked = {i for i, g in enumerate(groups) if blocks is not None and cost[g[0]] > limit}
-    writer = ShardWriter(plan, tmp, rank)
-    progress = Progress(len(mine), sum(plan.nbytes(k) for k in mine), opts.progress, rank)
-    pool = ThreadPoolExecutor(1)
+    reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
+    held = lambda i, what: 0 if i >= len(groups) or i in blocked else sum(what[k] for k in groups[i])  # noqa: E731
+    writer = ShardWriter(plan, tmp, rank, opts.memory_budget)
+    progress = Progress(len(mine), sum(out_bytes.values()), opts.progress, rank)
+    prefetch, writing = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     try:
-        # One background thread, jobs in order: prefetch group i + 1 while group i is merged; write and release a
-        # merged group while the next one is merged, then prefetch the one after (so that memory holds the group
-        # being merged and one more group's worth: its written outputs or the next inputs, the budget).
-        reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
-        touched = {j: pool.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
-        writes: List[Future] = []
+        touched = {j: prefetch.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
+        writes: List[Tuple[Future, int]] = []  # (job, bytes it holds)
         for i, group in enumerate(groups):
             touched.pop(i).result()
-            while writes and writes[0].done():
-                writes.pop(0).result()
+            writes = _unfinished(writes)
             _check_unchanged(dirs)
             if i in blocked:  # one tensor over the limit: in row blocks (checkpoint/blocks.py)
-                while writes:  # the shard's earlier tensors first
-                    writes.pop(0).result()
+                for w, _ in writes:  # the shard's earlier tensors first
+                    w.result()
+                writes = []
                 k = group[0]
                 sources = [(dirs[d], name) for d, name in targets.by_name[k].sources]
                 call = lambda tensors: targets.block_call(k, tensors, opts.backend)  # noqa: E731
@@ -310,17 +337,26 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
                     merged.update(targets.cfg.spec.merge(call))
                     del call
                 outputs = [(k, merged.pop(k).to("cpu")) for k in group]
-                writes.append(pool.submit(_write_group, writer, outputs, dirs, targets.reads(group)))
+                if any(d.maps(t) for _, t in outputs for d in dirs):  # views of inputs: dropped once written
+                    writes.append((writing.submit(_write_group, writer, outputs, dirs, reads(i)), held(i, cost)))
+                else:
+                    _release(dirs, reads(i))
+                    writes.append((writing.submit(_write_group, writer, outputs, (), ()), held(i, out_bytes)))
                 del outputs
             if i + 2 < len(groups):
-                touched[i + 2] = pool.submit(_touch, dirs, reads(i + 2))
-            progress.update(len(group), sum(plan.nbytes(k) for k in group))
+                pending = sum(n for _, n in writes)
+                wait = [w for w, _ in writes] if pending + held(i + 1, cost) + held(i + 2, in_bytes) > \
+                    opts.memory_budget else []
+                touched[i + 2] = prefetch.submit(_touch_after, wait, dirs, reads(i + 2))
+            progress.update(len(group), sum(out_bytes[k] for k in group))
             _check_unchanged(dirs)
-        for w in writes:
+        for w, _ in writes:
             w.result()
-    except BaseException:  # a failure or a signal: the jobs not yet started are dropped
-        pool.shutdown(wait=True, cancel_futures=True)
+        writing.shutdown()
+        prefetch.shutdown()
+    except BaseException:  # a failure or a signal (even while waiting above): jobs not yet started are dropped,
+        writing.shutdown(wait=True, cancel_futures=True)  # and no thread runs on once this returns
+        prefetch.shutdown(wait=True, cancel_futures=True)
         writer.close(failed=True)
         raise
-    pool.shutdown()
     writer.close()

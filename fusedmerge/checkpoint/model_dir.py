@@ -132,6 +132,10 @@ class ModelDir:
         if self.where[key] in self._files:
             self._files[self.where[key]].release_bytes(key, begin, end)
 
+    def maps(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a view of one of the safetensors files mapped here."""
+        return any(f.maps(t) for f in self._files.values())
+
     def check_unchanged(self) -> None:
         """Fail if a file being merged was modified, resized or replaced since it was opened (checked
         between groups: a file truncated while its pages are read still ends the process with SIGBUS)."""

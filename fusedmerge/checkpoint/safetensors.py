@@ -69,7 +69,7 @@ class Entry:
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _reject_constant(name: str):
@@ -220,6 +220,16 @@ class SafetensorsFile:
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(self._map, dtype=e.dtype, count=count, offset=e.begin)
         return flat.reshape(e.shape)
+
+    def maps(self, t: torch.Tensor) -> bool:
+        """Whether `t`'s memory lies in this file's map."""
+        if self._map is None or t.device.type != "cpu" or not t.numel():
+            return False
+        view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
+        try:
+            return 0 <= t.data_ptr() - ctypes.addressof(view) < len(self._map)
+        finally:
+            del view
 
     def _advise(self, names: Sequence[str], advice: int, span: Optional[Tuple[int, int]] = None) -> None:
         if self._map is None:
