@@ -93,7 +93,8 @@ def merge(args) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise merge_config.ConfigError("--device cuda: no CUDA device is available here (use --device cpu)")
         started = time.perf_counter()
-        run(cfg, args.out_dir, Options(device, budget, args.backend, args.overwrite, not args.quiet))
+        run(cfg, args.out_dir, Options(device, budget, args.backend, args.overwrite, not args.quiet,
+                                      not args.buffered_writes))
     except (merge_config.ConfigError, CheckpointError, FileExistsError, MemoryError, ValueError, RuntimeError,
             OSError) as e:
         print(f"fusedmerge merge: error: {e}", file=sys.stderr)
@@ -126,12 +127,16 @@ def main(argv=None) -> int:
     m.add_argument("out_dir", help="output directory (must be empty or absent unless --overwrite)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i] (under torchrun, cuda takes LOCAL_RANK)")
     m.add_argument("--memory-budget", default=DEFAULT_BUDGET, help="bytes of input and output tensors held at "
-                   "once, prefetch included, e.g. 2GB (default 256MiB; a larger tensor is merged alone)")
+                   "once, prefetch included, e.g. 2GB (default 256MiB; a larger tensor is merged in row blocks where its "
+                   "method allows, else alone; plus a write buffer of at most a quarter of it, 64 MB)")
     m.add_argument("--seed", type=int, help="seed of the DARE masks (overrides the configuration's)")
     m.add_argument("--shard-size", help="largest output shard, e.g. 2GB (default 2 GiB)")
     m.add_argument("--backend", default="auto", help="kernel backend (see `fusedmerge backends`)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     m.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    m.add_argument("--buffered-writes", action="store_true", help="write the shards through the page cache "
+                   "instead of with O_DIRECT (used where the file system takes it: the disk reads the bytes, no CPU "
+                   "copies them)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.models < 1 or args.repeat < 1:

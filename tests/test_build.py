@@ -97,3 +97,16 @@ def test_unknown_cpu_variant_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from fusedmerge import _cpu; _cpu.isa()"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "FUSEDMERGE_CPU_ISA=sse9" in out.stderr
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_import_leaves_the_garbage_collector_as_it_found_it(collecting):
+    """`import fusedmerge` pauses the cyclic collector while it imports torch and the methods, then restores
+    the caller's setting."""
+    import subprocess
+    import sys
+
+    code = (f"import gc\nif not {collecting}:\n    gc.disable()\n"
+            "import fusedmerge\nprint(gc.isenabled(), 'average' in dir(fusedmerge))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(collecting), "True"]

@@ -95,6 +95,28 @@ def test_each_method_equals_the_in_memory_op_for_any_budget(ckpts, tmp_path, met
     assert method in (tmp_path / "small" / "README.md").read_text()
 
 
+def test_buffered_writes_give_the_same_files_without_o_direct(ckpts, tmp_path, monkeypatch):
+    """Shards go through O_DIRECT where the file system takes it (checkpoint/shard_file.py); --buffered-writes
+    opens no file with O_DIRECT, and both give the same files, whatever the staging buffer's size."""
+    from fusedmerge.checkpoint import shard_file
+
+    real_open, direct = os.open, []
+
+    def spy(path, flags, *args):
+        direct.append(bool(flags & shard_file.O_DIRECT) and shard_file.O_DIRECT != 0)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", spy)
+    cfg = config(ckpts, "task_arithmetic", extra="parameters: {lambda: 0.7}\n")
+    assert merge(cfg, tmp_path / "direct", "--memory-budget", "40KB", "--shard-size", "50KB") == 0
+    assert any(direct) == (shard_file.O_DIRECT != 0)
+    direct.clear()
+    assert merge(cfg, tmp_path / "buffered", "--shard-size", "50KB", "--buffered-writes") == 0
+    assert direct and not any(direct)
+    shards = sorted(f for f in os.listdir(tmp_path / "direct") if f.endswith(".safetensors"))
+    assert len(shards) > 1 and filecmp.dircmp(tmp_path / "direct", tmp_path / "buffered").diff_files == []
+
+
 def test_seed_option_changes_the_dare_masks_and_nothing_else(ckpts, tmp_path):
     cfg = config(ckpts, "dare_linear", density=0.5)
     assert merge(cfg, tmp_path / "a") == 0 and merge(cfg, tmp_path / "b") == 0 and merge(cfg, tmp_path / "c", "--seed", "9") == 0

@@ -3,9 +3,10 @@
 Plan (the same on every rank, from the headers alone): the output keys in the reference model's order
 (the base, or the first model for linear), cut into shards of at most `shard_size` bytes, each shard owned
 by one rank (balanced by bytes). A rank streams its keys in groups of at most half the memory budget: while
-one group is merged, a background thread writes the previous one and then reads the next one's pages
-(madvise POPULATE_READ or WILLNEED); a merged group's input pages are dropped (madvise DONTNEED) once it is
-written. Shards are written as they fill, into a temporary directory beside OUT_DIR that is renamed to
+one group is merged, a writing thread writes the previous one (O_DIRECT where it can: shard_file.py) and a
+prefetch thread reads the pages of the group after (madvise POPULATE_READ or WILLNEED); a merged group's
+input pages are dropped (madvise DONTNEED) at once, or once written where an output is a view of them.
+Shards are written as they fill, into a temporary directory beside OUT_DIR that is renamed to
 OUT_DIR only when every rank has finished; a failure or a signal (SIGTERM, SIGINT, SIGHUP) anywhere removes
 it and says why (checkpoint/outdir.py: OUT_DIR safety, atomic replacement, cleanup after a killed run).
 """
@@ -40,6 +41,7 @@ class Options:
     backend: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    direct_io: bool = True  # shards written with O_DIRECT where the file system takes it (shard_file.py)
 
 
 class Progress:
@@ -311,7 +313,7 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
     blocked = {i for i, g in enumerate(groups) if blocks is not None and cost[g[0]] > limit}
     reads = lambda i: [[] for _ in dirs] if i in blocked else targets.reads(groups[i])  # noqa: E731
     held = lambda i, what: 0 if i >= len(groups) or i in blocked else sum(what[k] for k in groups[i])  # noqa: E731
-    writer = ShardWriter(plan, tmp, rank, opts.memory_budget)
+    writer = ShardWriter(plan, tmp, rank, opts.memory_budget, opts.direct_io)
     progress = Progress(len(mine), sum(out_bytes.values()), opts.progress, rank)
     prefetch, writing = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     try:
