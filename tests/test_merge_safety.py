@@ -157,6 +157,34 @@ def test_a_signal_mid_merge_removes_the_temporary_directory(models, tmp_path, mo
     assert [signal.getsignal(s) for s in outdir.SIGNALS] == handlers  # restored
 
 
+def test_a_signal_as_the_writing_thread_starts_still_waits_for_its_job(models, tmp_path, monkeypatch, capsys):
+    """A signal handled just after `submit` started the writing thread, before its pool recorded it: the pool's
+    shutdown does not know that thread, yet its write (already running) must end before the cleanup."""
+    import threading
+    import time
+
+    root, cfg = models
+    start, write, seen = threading.Thread.start, output.ShardWriter.write, []
+
+    def start_then_signal(self):
+        start(self)
+        if self.name.startswith("fusedmerge-") and "-write" in self.name:
+            raise outdir.Interrupted(signal.SIGTERM)
+
+    def slow_write(self, key, t):
+        time.sleep(0.2)
+        seen.append(leftovers(tmp_path))
+        return write(self, key, t)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_signal)
+    monkeypatch.setattr(output.ShardWriter, "write", slow_write)
+    assert merge(cfg, tmp_path / "out") == 128 + signal.SIGTERM
+    assert seen and all(len(s) == 2 for s in seen)  # every write before the workspace went
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("fusedmerge-")]
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
 SLOW = """
 import sys, time
 from fusedmerge import cli

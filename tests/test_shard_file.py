@@ -99,3 +99,16 @@ def test_other_write_errors_propagate(tmp_path, monkeypatch):
         f.write(b"y" * (3 * 8192))
     assert e.value.errno == errno.ENOSPC
     f.close(failed=True)
+
+
+def test_a_disk_too_full_for_the_shard_is_found_at_open_and_leaves_nothing_open(tmp_path, monkeypatch):
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(OSError) as e:
+        ShardFile(str(tmp_path / "shard"), 1 << 20, staging_buffer(8192))
+    assert e.value.errno == errno.ENOSPC
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before

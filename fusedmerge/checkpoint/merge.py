@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,6 +139,14 @@ def _unfinished(writes: List[Tuple[Future, int]]) -> List[Tuple[Future, int]]:
         else:
             left.append((w, n))
     return left
+
+
+def _join_threads(prefix: str) -> None:
+    """Join the threads named `prefix`*: shutdown() joins only those its pool recorded, and a signal raised in the
+    main thread just as `submit` had started a worker (a job may run at once) leaves that one unrecorded."""
+    for t in threading.enumerate():
+        if t.name.startswith(prefix) and t is not threading.current_thread():
+            t.join()
 
 
 def _check_unchanged(dirs: Sequence[ModelDir]) -> None:
@@ -315,7 +324,8 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
     held = lambda i, what: 0 if i >= len(groups) or i in blocked else sum(what[k] for k in groups[i])  # noqa: E731
     writer = ShardWriter(plan, tmp, rank, opts.memory_budget, opts.direct_io)
     progress = Progress(len(mine), sum(out_bytes.values()), opts.progress, rank)
-    prefetch, writing = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    names = f"fusedmerge-{os.getpid()}-{id(writer):x}"
+    prefetch, writing = ThreadPoolExecutor(1, names + "-prefetch"), ThreadPoolExecutor(1, names + "-write")
     try:
         touched = {j: prefetch.submit(_touch, dirs, reads(j)) for j in range(min(2, len(groups)))}
         writes: List[Tuple[Future, int]] = []  # (job, bytes it holds)
@@ -359,6 +369,7 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
     except BaseException:  # a failure or a signal (even while waiting above): jobs not yet started are dropped,
         writing.shutdown(wait=True, cancel_futures=True)  # and no thread runs on once this returns
         prefetch.shutdown(wait=True, cancel_futures=True)
+        _join_threads(names)
         writer.close(failed=True)
         raise
     writer.close()

@@ -44,7 +44,11 @@ class ShardFile:
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
         self.offset = self.filled = 0  # file offset of the staging buffer's first byte; bytes staged
-        _reserve(self.fd, size)
+        try:
+            _reserve(self.fd, size)
+        except BaseException:  # a full disk: nothing is left open
+            os.close(self.fd)
+            raise
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
