@@ -94,10 +94,12 @@ def _groups(keys: Sequence[str], cost: Dict[str, int], limit: int) -> List[List[
     return groups
 
 
-def _touch(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
+def _touch(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]], after: Sequence[Future] = ()) -> None:
     """Read and map the group's pages now (in the prefetch thread) so that the merge finds them in memory;
     by touching one byte per page where the kernel cannot populate a range itself. reads: the tensors of
-    each directory."""
+    each directory; after: writes to wait for first (their memory is needed for these pages)."""
+    for w in after:
+        w.result()
     for d, keys in zip(dirs, reads):
         d.check_unchanged()  # a truncated file's pages would end the process with SIGBUS
         if d.prefetch(keys):
@@ -121,13 +123,6 @@ def _write_group(writer: ShardWriter, outputs: List[Tuple[str, torch.Tensor]], d
 def _release(dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
     for d, names in zip(dirs, reads):
         d.release(names)
-
-
-def _touch_after(writes: Sequence[Future], dirs: Sequence[ModelDir], reads: Sequence[Sequence[str]]) -> None:
-    """`_touch` once `writes` are done (their memory is needed for these pages)."""
-    for w in writes:
-        w.result()
-    _touch(dirs, reads)
 
 
 def _unfinished(writes: List[Tuple[Future, int]]) -> List[Tuple[Future, int]]:
@@ -359,7 +354,7 @@ def _stream(targets: Plan, dirs: List[ModelDir], plan: ShardPlan, tmp: str, opts
                 pending = sum(n for _, n in writes)
                 wait = [w for w, _ in writes] if pending + held(i + 1, cost) + held(i + 2, in_bytes) > \
                     opts.memory_budget else []
-                touched[i + 2] = prefetch.submit(_touch_after, wait, dirs, reads(i + 2))
+                touched[i + 2] = prefetch.submit(_touch, dirs, reads(i + 2), wait)
             progress.update(len(group), sum(out_bytes[k] for k in group))
             _check_unchanged(dirs)
         for w, _ in writes:

@@ -225,11 +225,7 @@ class SafetensorsFile:
         """Whether `t`'s memory lies in this file's map."""
         if self._map is None or t.device.type != "cpu" or not t.numel():
             return False
-        view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
-        try:
-            return 0 <= t.data_ptr() - ctypes.addressof(view) < len(self._map)
-        finally:
-            del view
+        return 0 <= t.data_ptr() - ctypes.addressof(ctypes.c_char.from_buffer(self._map)) < len(self._map)
 
     def _advise(self, names: Sequence[str], advice: int, span: Optional[Tuple[int, int]] = None) -> None:
         if self._map is None:
