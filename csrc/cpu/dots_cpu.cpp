@@ -69,7 +69,27 @@ inline VD load_wide(const float* x) {
 
 // Stores the L×L block in[ℓ][pos] transposed: w[pos·L + ℓ] = in[ℓ][pos].
 inline void store_transposed(const VD* in, double* w) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  // Pairs of rows interleaved (row 2k at even, 2k + 1 at odd positions), then pairs of those by 128-bit
+  // lanes, then halves: 24 shuffles for the 8×8 block.
+  __m512d t[8], s[8];
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = reinterpret_cast<__m512d>(in[2 * k]), b = reinterpret_cast<__m512d>(in[2 * k + 1]);
+    t[2 * k] = _mm512_unpacklo_pd(a, b);      // a0 b0 a2 b2 a4 b4 a6 b6
+    t[2 * k + 1] = _mm512_unpackhi_pd(a, b);  // a1 b1 a3 b3 a5 b5 a7 b7
+  }
+  const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int h = 0; h < 2; ++h)    // rows 4h..4h+3
+    for (int o = 0; o < 2; ++o) {  // even (o = 0) or odd positions
+      const __m512d x = t[4 * h + o], y = t[4 * h + 2 + o];
+      s[4 * h + o] = _mm512_permutex2var_pd(x, even, y);      // positions 0 + o and 4 + o of 4 rows
+      s[4 * h + 2 + o] = _mm512_permutex2var_pd(x, odd, y);   // positions 2 + o and 6 + o
+    }
+  for (int pos = 0; pos < 4; ++pos) {  // s[pos]: positions pos and pos + 4 of rows 0-3, s[pos + 4] of rows 4-7
+    _mm512_storeu_pd(w + pos * 8, _mm512_shuffle_f64x2(s[pos], s[pos + 4], 0x44));
+    _mm512_storeu_pd(w + (pos + 4) * 8, _mm512_shuffle_f64x2(s[pos], s[pos + 4], 0xEE));
+  }
+#elif defined(__AVX2__)
   const __m256d a = reinterpret_cast<__m256d>(in[0]), b = reinterpret_cast<__m256d>(in[1]);
   const __m256d c = reinterpret_cast<__m256d>(in[2]), d = reinterpret_cast<__m256d>(in[3]);
   const __m256d ab0 = _mm256_unpacklo_pd(a, b), ab1 = _mm256_unpackhi_pd(a, b);  // a0 b0 a2 b2, a1 b1 a3 b3
