@@ -371,8 +371,12 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: [1, {filter: mlp, value: 1}]}}]\n",
      "models[0].parameters.weight: a list must hold"),
     ("merge_method: task_arithmetic\nmodels: [{model: a}]\n", "needs a base_model"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {density: 1.5}}]\n", "density"),
-    ("merge_method: linear\nmodels: [{model: a}]\ndtype: int8\n", "dtype"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0}}]\n", "density"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: int8\n", "dtype"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}, {model: a, parameters: {weight: 2}}]\n",
+     "duplicate merge inputs"),
+    ("merge_method: task_arithmetic\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n", "needs a base_model"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1e-3x}}]\n", "must be a number"),
     ("merge_method: linear\nmodels: [{model: a+lora}]\n", "LoRA"),
     ("merge_method: [oops\n", "not valid YAML"),
 ])
@@ -382,6 +386,15 @@ def test_bad_configurations_are_refused_with_the_reason(tmp_path, capsys, text, 
     assert merge(str(path), tmp_path / "out") == 2
     assert message in capsys.readouterr().err
     assert _only(tmp_path, "c.yml")
+
+
+@pytest.mark.parametrize("method", ["ties", "nuslerp", "linear"])
+def test_a_weight_left_out_is_refused_where_mergekit_requires_it(ckpts, tmp_path, capsys, method):
+    weights = (None, 0.5) if method != "ties" else (None, 0.5, 2.0)
+    assert merge(config(ckpts, method, base=method == "ties", weights=weights), tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{method} needs a weight for {ckpts / 'm0'}" in err and "mergekit requires it" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

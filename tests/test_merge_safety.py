@@ -30,7 +30,8 @@ def models(tmp_path):
         write_checkpoint(str(root / name), SHAPES, i, shard_size=20_000)
     cfg = tmp_path / "ta.yml"
     cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\n"
-                   f"models: [{{model: {root / 'm0'}}}, {{model: {root / 'm1'}}}]\nparameters: {{lambda: 0.5}}\n")
+                   f"models: [{{model: {root / 'm0'}, parameters: {{weight: 1.0}}}}, "
+                   f"{{model: {root / 'm1'}, parameters: {{weight: 1.0}}}}]\nparameters: {{lambda: 0.5}}\n")
     return root, str(cfg)
 
 

@@ -62,6 +62,34 @@ slices:
 parameters: {density: 0.6, weight: 1.0, lambda: 0.9}
 dtype: float32
 """, 2),
+    "ties_rescale_kept_above_one": ("""
+merge_method: ties
+base_model: @32/base
+models:
+  - {model: @32/m0, parameters: {weight: 1.0, density: 0.4}}
+  - {model: @32/m1, parameters: {weight: 0.5, density: [0.6, 0.2]}}
+  - {model: @32/m2, parameters: {weight: 0.7, density: 1.5}}
+parameters: {rescale: true}
+dtype: float32
+""", 2),
+    "task_arithmetic_slice_base": ("""
+merge_method: task_arithmetic
+slices:
+  - sources:
+      - {model: @32/base, layer_range: [0, 4]}
+      - {model: @32/m0, layer_range: [0, 4], parameters: {weight: 5e-1}}
+      - {model: @32/m1, layer_range: [0, 4], parameters: {weight: ["1e-1", 1]}}
+    base_model: @32/base
+parameters: {int8_mask: true, rescale: true}
+dtype: float32
+""", 2),
+    "linear_float64": ("""
+merge_method: linear
+models:
+  - {model: @32/m0, parameters: {weight: 1.0}}
+  - {model: @32/m1, parameters: {weight: 0.3}}
+dtype: float64
+""", 2),
     "dare_linear": ("""
 merge_method: dare_linear
 base_model: @16/base
@@ -327,8 +355,9 @@ def test_dtype_is_what_the_inputs_are_merged_from_and_out_dtype_only_casts_the_r
     from fusedmerge.checkpoint.plan import Plan
 
     root = next(iter(merged.values()))[0].parent
-    ties = ("merge_method: ties\nbase_model: @{0}/base\nmodels:\n  - {{model: @{0}/m0, parameters: {{density: 0.3}}}}\n"
-            "  - {{model: @{0}/m1, parameters: {{density: 0.5}}}}\n{1}: bfloat16\n")
+    ties = ("merge_method: ties\nbase_model: @{0}/base\nmodels:\n"
+            "  - {{model: @{0}/m0, parameters: {{weight: 1, density: 0.3}}}}\n"
+            "  - {{model: @{0}/m1, parameters: {{weight: 1, density: 0.5}}}}\n{1}: bfloat16\n")
     rounded = _merge(root, tmp_path, ties.format("16", "dtype"))
     cast = _merge(root, tmp_path, ties.format("32", "dtype"))
     late = _merge(root, tmp_path, ties.format("32", "out_dtype"))

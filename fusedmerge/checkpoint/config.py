@@ -118,7 +118,7 @@ class MergeConfig:
 
     def paths(self) -> List[str]:
         """The model directories the configuration reads, the base first: each listed model of `models:`
-        (OPCM and linear may list one twice), each model of `slices:` once."""
+        (OPCM may list one twice), each model of `slices:` once."""
         if not self.layered:
             return [src.path for src in self.slices[0].sources]
         out = [self.base] if self.base else []
@@ -135,11 +135,14 @@ class MergeConfig:
         return self.spec.result_dtype(self.in_dtype or inputs)
 
     def input_dtype(self, stored: torch.dtype) -> torch.dtype:
-        """The dtype an input tensor stored as `stored` is merged from: `dtype:` where it cannot hold the stored
-        values (fp32 models merged as bfloat16 are rounded to bf16 first, as mergekit loads them), else the
-        stored one (a wider `dtype:` changes no value; the kernels accumulate in fp32 or fp64 anyway)."""
-        narrower = self.in_dtype is not None and torch.promote_types(stored, self.in_dtype) != self.in_dtype
-        return self.in_dtype if narrower and stored.is_floating_point else stored
+        """The dtype an input tensor stored as `stored` is merged from, as mergekit loads the inputs in `dtype:`:
+        fp32 models merged as bfloat16 are rounded to bf16 first, and `dtype: float64` widens every input so that
+        the kernels accumulate in fp64 as mergekit computes; otherwise the stored dtype (widening to fp32 changes
+        no value: the kernels accumulate in fp32 or fp64 anyway)."""
+        if self.in_dtype is None or not stored.is_floating_point:
+            return stored
+        narrower = torch.promote_types(stored, self.in_dtype) != self.in_dtype
+        return self.in_dtype if narrower or self.in_dtype == torch.float64 else stored
 
     def param(self, key: str):
         """A global parameter, or the method's default for it (whole-model methods take scalars only)."""
@@ -245,6 +248,16 @@ def _source(item, where: str, spec: ConfigMethod, root: str, layered: bool) -> S
                   _settings(item.get("parameters"), spec, f"{where}.parameters", False), where)
 
 
+def _refuse_duplicates(spec: ConfigMethod, sources: List[Source]) -> None:
+    """mergekit refuses a model given twice as one merge's inputs ("Duplicate merge inputs")."""
+    seen = {}
+    for src in sources:
+        if spec.peer == "mergekit" and src.path in seen:
+            raise ConfigError(f"{src.where}: {src.path} is already {seen[src.path]}; mergekit refuses duplicate merge "
+                              "inputs, also of other layers (give the model once, with the weight you mean)")
+        seen[src.path] = src.where
+
+
 def _check_models(spec: ConfigMethod, s: Slice, params: Dict[str, Any]) -> None:
     """The method's own check (model count, densities) on the slice's models, with their parameters where
     every setting is a scalar (otherwise it runs again per tensor once the settings are resolved)."""
@@ -300,7 +313,7 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
     if not spec.needs_base:
         if base is not None and spec.base_use is None:
             raise ConfigError(f"{method} takes no base_model (mergekit ignores it); list it under models instead")
-    elif base is None:
+    elif base is None and "models" in data:  # slices: each slice may name its own (_slices)
         raise ConfigError(f"{method} needs a base_model")
     base = _path(base, "base_model", root) if base is not None else None
     layered = "slices" in data
@@ -343,6 +356,7 @@ def _models(raw, spec: ConfigMethod, base: Optional[str], root: str) -> Slice:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("models must be a non-empty list of {model: PATH, parameters: {...}}")
     models = [_source(item, f"models[{i}]", spec, root, False) for i, item in enumerate(raw)]
+    _refuse_duplicates(spec, [m for m in models if m.path != base])
     others = [m for m in models if m.path != base]
     if spec.peer == "mergekit" and others:
         models = others
@@ -368,6 +382,7 @@ def _slices(raw, spec: ConfigMethod, base: Optional[str], root: str) -> List[Sli
         if not isinstance(raw_sources, list) or not raw_sources:
             raise ConfigError(f"{where}.sources must be a non-empty list of {{model: PATH, layer_range: [a, b]}}")
         sources = [_source(s, f"{where}.sources[{j}]", spec, root, True) for j, s in enumerate(raw_sources)]
+        _refuse_duplicates(spec, sources)
         if len({s.layers[1] - s.layers[0] for s in sources}) > 1:
             raise ConfigError(f"{where}: all sources of a slice must have the same number of layers, got "
                               f"{[list(s.layers) for s in sources]}")
@@ -375,6 +390,8 @@ def _slices(raw, spec: ConfigMethod, base: Optional[str], root: str) -> List[Sli
         if slice_base is not None and not spec.needs_base and spec.base_use is None:
             raise ConfigError(f"{where}.base_model: {spec.name} takes no base_model")
         slice_base = _path(slice_base, f"{where}.base_model", root) if slice_base is not None else base
+        if spec.needs_base and slice_base is None:
+            raise ConfigError(f"{where}: {spec.name} needs a base_model (at the top level or in the slice)")
         params = _settings(item.get("parameters"), spec, f"{where}.parameters", True)
         if slice_base is not None and spec.base_use == "input" and slice_base not in [s.path for s in sources]:
             raise ConfigError(f"{where}: the base model {slice_base} is one more input of {spec.name}; list it among "

@@ -12,6 +12,7 @@ ones from the model's (source's) settings first, on the source tensor's name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -125,6 +126,9 @@ class Plan:
             given = []
             for key, p in spec.model_params.items():
                 value, where = resolve(key, [(f"{src.where}.parameters", src.params), mid, top], sname, t)
+                if value is None and p.default is REQUIRED:
+                    raise ConfigError(f"{src.where}: {spec.name} needs a {key} for {src.path} ({sname}): no setting "
+                                      "gives it a value (mergekit requires it too)")
                 if value is not None:
                     given.append((key, p.check(value, f"{where} for {sname}")))
             per_model.append(tuple(given))
@@ -165,7 +169,13 @@ class Plan:
         return out
 
     def nbytes(self, name: str) -> int:
-        return sum(self.dirs[i].nbytes(n) for i, n in self.by_name[name].sources)
+        """The memory output tensor `name`'s inputs take: as stored, plus their copies where `dtype:` converts them."""
+        total = 0
+        for i, n in self.by_name[name].sources:
+            dtype, shape = self.dirs[i].entry(n)[:2]
+            merged_as = self.cfg.input_dtype(dtype)
+            total += self.dirs[i].nbytes(n) + (0 if merged_as == dtype else math.prod(shape) * merged_as.itemsize)
+        return total
 
     def calls(self, names: Sequence[str], device, backend: str) -> List[GroupCall]:
         """The merges of output tensors `names`: one GroupCall per parameter signature (inputs loaded onto

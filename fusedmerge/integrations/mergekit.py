@@ -48,7 +48,8 @@ class FusedGeneralizedTaskArithmetic(GeneralizedTaskArithmeticMerge):
             return base
         method = CONFIG_METHODS[self.fused]
         params = {k: parameters[k] for k in method.global_params if k in parameters}
-        densities = [float(parameters["density"][e.id]) for e in entries] if "density" in method.model_params else []
+        densities = [min(float(parameters["density"][e.id]), 1.0) for e in entries] \
+            if "density" in method.model_params else []  # ≥ 1 keeps every entry (mergekit's sparsify)
         per_model = tuple({k: parameters[k][e.id] for k in method.model_params if k in parameters} for e in entries)
         call = GroupCall(base, [e.tensor for e in entries], [float(parameters["weight"][e.id]) for e in entries],
                          densities, params, self.seed, base.dtype, "auto", group.metadata.name or "tensor", per_model)

@@ -20,7 +20,8 @@ REQUIRED = object()  # a constructor argument without a default
 
 @dataclass(frozen=True)
 class Param:
-    """One key of a merge configuration: its kind ("number", "bool", "fraction" in (0, 1], "choice") and
+    """One key of a merge configuration: its kind ("number", "bool", "fraction" in (0, 1], "kept": a kept fraction
+    in (0, 1] where more is 1 (mergekit's densities: ≥ 1 keeps every entry), "choice") and
     default (REQUIRED: the configuration must give it)."""
 
     kind: str
@@ -38,6 +39,11 @@ class Param:
             if not isinstance(value, str) or value not in self.choices:
                 raise ConfigError(f"{where} must be one of {list(self.choices)}, got {shown}")
             return value
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string; mergekit's pydantic takes it as a number
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {shown}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {shown}")
         try:
@@ -47,8 +53,10 @@ class Param:
         if not finite:
             raise ConfigError(f"{where} must be finite, got {shown}")
         if self.kind == "fraction" and not 0 < value <= 1:
-            raise ConfigError(f"{where} is the kept fraction and must be in (0, 1], got {value}")
-        return float(value)
+            raise ConfigError(f"{where} is a fraction and must be in (0, 1], got {value}")
+        if self.kind == "kept" and not 0 < value:
+            raise ConfigError(f"{where} is the kept fraction and must be above 0 (1 or more keeps every entry), got {value}")
+        return min(float(value), 1.0) if self.kind == "kept" else float(value)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .. import options as opt
 from .._forms import Slot, gather, gather_like, prepare
 from ..reference import CombineJob, TiesSpec, magnitude_view
 from ._sparse import gta_tail, l1_factor, l1_sums, per_model_values, radix_passes, slot_chunks, spread
-from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
+from ._spec import REQUIRED, BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
 
@@ -55,6 +55,7 @@ class BreadcrumbsOptions:
     consensus: bool = opt.option(False, op=bool)
     rescale: bool = opt.option(False, op=bool)
     out_dtype: Optional[torch.dtype] = opt.option(None, op=Optional[torch.dtype])
+    at_least_one: bool = opt.option(False, op=bool)  # mergekit's magnitude trim (ties): max(1, ⌊d·n⌋) kept
 
     def __post_init__(self):
         opt.canonical(self, weights=opt.optional_numbers(self.weights, "weights"),
@@ -62,20 +63,21 @@ class BreadcrumbsOptions:
                       gamma=per_model_values(self.gamma, "gamma", _gamma), scaling=opt.real(self.scaling, "scaling"),
                       normalize=opt.boolean(self.normalize, "normalize"),
                       consensus=opt.boolean(self.consensus, "consensus"), rescale=opt.boolean(self.rescale, "rescale"),
-                      out_dtype=opt.out_dtype(self.out_dtype))
+                      out_dtype=opt.out_dtype(self.out_dtype), at_least_one=opt.boolean(self.at_least_one, "at_least_one"))
 
 
-def band(n: int, density: float, gamma: float) -> Tuple[int, int]:
+def band(n: int, density: float, gamma: float, at_least_one: bool = False) -> Tuple[int, int]:
     """(k_hi, k_lo): the kept band runs from the k_hi-th to the k_lo-th largest magnitude (1-based); k_hi >
-    k_lo when nothing is kept."""
+    k_lo when nothing is kept. at_least_one: ⌊d·n⌋ raised to 1 (mergekit's magnitude trim, TIES)."""
     target, n_top = int(density * n), int(gamma * n)
+    target = max(1, target) if at_least_one else target
     n_bot = max(0, n - target - n_top)
     return n - n_bot - target + 1, n - n_bot
 
 
 def _pruned(n: int, pairs) -> List[int]:
     """The models whose band is pruned and not empty, in a tensor of n entries."""
-    return [i for i, (d, g) in enumerate(pairs) if d < 1 and band(n, d, g)[0] <= band(n, d, g)[1]]
+    return [i for i, p in enumerate(pairs) if p[0] < 1 and band(n, *p)[0] <= band(n, *p)[1]]
 
 
 def _selections(n: int, pairs) -> Tuple[List[int], List[int]]:
@@ -108,7 +110,7 @@ def _kept(slot: Slot, pairs, n: int, thresholds) -> Iterator[Tuple[torch.Tensor,
         inside = (bits <= int(thresholds[j])) & (bits >= int(thresholds[half + j]))
         return torch.where(inside, tau, torch.zeros((), dtype=acc, device=tau.device))
 
-    for i, (d, _) in enumerate(pairs):
+    for i, (d, *_) in enumerate(pairs):
         tau = slot.inputs[i] - base  # promoted to acc, as acc_tau
         kept = None if d >= 1 else torch.zeros_like(tau) if i not in models else _band(tau, models.index(i))
         yield tau, kept
@@ -149,11 +151,12 @@ def _breadcrumbs_slot(slot: Slot, o: BreadcrumbsOptions, w: List[float], pairs, 
 def breadcrumbs(base, inputs, *, weights: Optional[Sequence[float]] = None,
                 density: Union[float, Sequence[float]] = 1.0, gamma: Union[float, Sequence[float]] = 0.01,
                 scaling: float = 1.0, normalize: bool = False, consensus: bool = False, rescale: bool = False,
-                out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+                out_dtype: Optional[torch.dtype] = None, at_least_one: bool = False, backend: str = "auto"):
     """Model Breadcrumbs over tensors, state dicts or modules onto `base`: per tensor and model keep the
     `density` fraction of |τ| just below the top `gamma` fraction, then θ0 + λ·Σ wᵢδᵢ (/ Σ wᵢ with
-    `normalize`), or with `consensus` (breadcrumbs_ties) TIES's sign vote on wᵢδᵢ. `scaling` is λ."""
-    o = BreadcrumbsOptions(weights, density, gamma, scaling, normalize, consensus, rescale, out_dtype)
+    `normalize`), or with `consensus` (breadcrumbs_ties) TIES's sign vote on wᵢδᵢ. `scaling` is λ.
+    `at_least_one` keeps max(1, ⌊d·n⌋) entries (with gamma=0: mergekit's TIES trim, used for its `rescale`)."""
+    o = BreadcrumbsOptions(weights, density, gamma, scaling, normalize, consensus, rescale, out_dtype, at_least_one)
     forms, merged, slots, w, pairs = _prepared(o, base, inputs)
     for slot in slots:
         _breadcrumbs_slot(slot, o, w, pairs, backend)
@@ -169,9 +172,9 @@ def _prepared(o: BreadcrumbsOptions, base, inputs):
     return forms, merged, [s for s in slots if s.out.numel()], w, _pairs(o, len(w))
 
 
-def _pairs(o: BreadcrumbsOptions, n: int) -> List[Tuple[float, float]]:
-    """(density, gamma) per model."""
-    return list(zip(spread(o.density, n, "density"), spread(o.gamma, n, "gamma")))
+def _pairs(o: BreadcrumbsOptions, n: int) -> List[Tuple[float, float, bool]]:
+    """band()'s (density, gamma, at_least_one) per model."""
+    return [(d, g, o.at_least_one) for d, g in zip(spread(o.density, n, "density"), spread(o.gamma, n, "gamma"))]
 
 
 def breadcrumbs_reference(base, inputs, **options):
@@ -181,8 +184,8 @@ def breadcrumbs_reference(base, inputs, **options):
 
 # --- peers --------------------------------------------------------------------------------------------------
 
-BREADCRUMBS_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ"),
-                            "density": Param("fraction", 1.0, doc="kept fraction of |τᵢ| per tensor (1: all)"),
+BREADCRUMBS_MODEL_PARAMS = {"weight": Param("number", REQUIRED, doc="wᵢ"),
+                            "density": Param("kept", 1.0, doc="kept fraction of |τᵢ| per tensor (1: all)"),
                             "gamma": Param("number", 0.01, doc="fraction of the largest |τᵢ| dropped")}
 
 
@@ -193,10 +196,9 @@ def _mergekit_options(call: GroupCall, method: ConfigMethod, consensus: bool) ->
                               call.out_dtype)
 
 
-def _mergekit_breadcrumbs(call: GroupCall, method: ConfigMethod, consensus: bool, span: Optional[Span] = None,
-                          stats=None):
-    """The merge of a call, or with span and stats of a row block: stats are (band thresholds, L1 sums)."""
-    o = _mergekit_options(call, method, consensus)
+def merge_call(call: GroupCall, o: BreadcrumbsOptions, span: Optional[Span] = None, stats=None):
+    """The merge of a call with options `o`, or with span and stats of a row block: stats are (band thresholds,
+    L1 sums)."""
     forms, merged, slots, w, pairs = _prepared(o, call.base, call.models)
     for slot in slots:
         if span is None:
@@ -208,38 +210,43 @@ def _mergekit_breadcrumbs(call: GroupCall, method: ConfigMethod, consensus: bool
 
 # Row blocks: the band's two order statistics per model are selected over the blocks by the radix selection
 # of _sparse.radix_passes (exact), then, with `rescale`, a pass adds up each block's exact L1 sums (l1_sums),
-# then each block is merged elementwise with the whole tensor's thresholds and factors.
+# then each block is merged elementwise with the whole tensor's thresholds and factors. options_of(call): the
+# call's BreadcrumbsOptions.
 
 
-def _block_sums(call: GroupCall, span: Span, stats, method: ConfigMethod, consensus: bool):
-    o = _mergekit_options(call, method, consensus)
-    if not o.rescale:
-        return None
-    _, _, slots, _, pairs = _prepared(o, call.base, call.models)
-    n = math.prod(span.shape)
-    return [s for slot in slots for s in _sums(slot, pairs, n, stats[0], call.backend)]
+def band_selections(call: GroupCall, span: Span, o: BreadcrumbsOptions) -> Tuple[List[int], List[int]]:
+    """(ks, models) of the band's order statistics in the whole tensor of `span` (radix_passes' selections)."""
+    return _selections(math.prod(span.shape), _pairs(o, len(call.models)))
 
 
-def _add_sums(total, part):
-    return None if total is None else [a if a is None else a + b for a, b in zip(total, part)]
+def l1_pass(options_of) -> BlockPass:
+    """The pass adding up the blocks' L1 sums (None without `rescale`); it finishes as (thresholds, sums)."""
+
+    def partial(call: GroupCall, span: Span, stats):
+        o = options_of(call)
+        if not o.rescale:
+            return None
+        _, _, slots, _, pairs = _prepared(o, call.base, call.models)
+        n = math.prod(span.shape)
+        return [s for slot in slots for s in _sums(slot, pairs, n, stats[0], call.backend)]
+
+    add = lambda total, part: None if total is None else [a if a is None else a + b for a, b in zip(total, part)]  # noqa: E731
+    return BlockPass(partial, add, lambda total, stats: (stats[0], total))
 
 
-def _blocks(method_of, consensus: bool) -> RowBlocks:
-    """RowBlocks of the method method_of() (the ConfigMethod they belong to)."""
-    selections = lambda call, span: _selections(  # noqa: E731
-        math.prod(span.shape), _pairs(_mergekit_options(call, method_of(), consensus), len(call.models)))
-    sums = BlockPass(lambda call, span, stats: _block_sums(call, span, stats, method_of(), consensus), _add_sums,
-                     lambda total, stats: (stats[0], total))
-    return RowBlocks(passes=(*radix_passes(selections), sums),
-                     merge=lambda call, span, stats: _mergekit_breadcrumbs(call, method_of(), consensus, span, stats))
+def row_blocks(options_of) -> RowBlocks:
+    """The RowBlocks of a breadcrumbs merge."""
+    return RowBlocks(passes=(*radix_passes(lambda call, span: band_selections(call, span, options_of(call))),
+                             l1_pass(options_of)),
+                     merge=lambda call, span, stats: merge_call(call, options_of(call), span, stats))
 
 
 def _breadcrumbs_config(name: str, consensus: bool, doc: str) -> ConfigMethod:
+    options_of = lambda call: _mergekit_options(call, method, consensus)  # noqa: E731
     method = ConfigMethod(
         name, "mergekit", needs_base=True, model_params=BREADCRUMBS_MODEL_PARAMS,
         global_params={**GTA_PARAMS, "rescale": Param("bool", False, doc="keep each task vector's L1 norm")},
-        merge=lambda call: _mergekit_breadcrumbs(call, method, consensus), doc=doc,
-        blocks=_blocks(lambda: method, consensus),
+        merge=lambda call: merge_call(call, options_of(call)), doc=doc, blocks=row_blocks(options_of),
         check=lambda models: BreadcrumbsOptions(gamma=[m.get("gamma", 0.01) for m in models] or 0.01))
     return method
 

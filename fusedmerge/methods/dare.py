@@ -138,8 +138,8 @@ def one_density(densities: Sequence[Optional[float]], method: str) -> float:
     return values[0]
 
 
-DARE_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ"),
-                     "density": Param("fraction", 1.0, doc="kept fraction, one for every model")}
+DARE_MODEL_PARAMS = {"weight": Param("number", REQUIRED, doc="wᵢ"),
+                     "density": Param("kept", 1.0, doc="kept fraction, one for every model")}
 
 
 def _dare_linear_options(call: GroupCall) -> DareOptions:

@@ -44,7 +44,7 @@ from .._forms import Slot, gather, gather_like, prepare
 from ..philox import GROUP, mask_key
 from ..reference import CombineJob, RankJob, UniformsJob
 from ._sparse import gta_tail, l1_factor, l1_sum, per_model_values, spread
-from ._spec import BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
+from ._spec import REQUIRED, BlockPass, ConfigMethod, GroupCall, Method, Param, RowBlocks, Span
 from .task_arithmetic import GTA_PARAMS
 
 
@@ -254,8 +254,8 @@ def della_reference(base, inputs, **options):
 
 # --- peers --------------------------------------------------------------------------------------------------
 
-DELLA_MODEL_PARAMS = {"weight": Param("number", 1.0, doc="wᵢ, before the vote"),
-                      "density": Param("fraction", 1.0, doc="mean kept fraction per row (1: no drop)"),
+DELLA_MODEL_PARAMS = {"weight": Param("number", REQUIRED, doc="wᵢ, before the vote"),
+                      "density": Param("kept", 1.0, doc="mean kept fraction per row (1: no drop)"),
                       "epsilon": Param("number", 0.15, doc="keep probabilities span density ± epsilon by rank")}
 
 

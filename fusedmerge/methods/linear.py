@@ -88,7 +88,7 @@ def _mergekit_linear_batch(tensors: Sequence[torch.Tensor], base_index, params) 
 
 
 MERGEKIT_LINEAR = ConfigMethod(
-    "linear", "mergekit", needs_base=False, model_params={"weight": Param("number", 1.0, doc="wᵢ")},
+    "linear", "mergekit", needs_base=False, model_params={"weight": Param("number", REQUIRED, doc="wᵢ")},
     global_params={"normalize": Param("bool", True, doc="divide by Σ wᵢ")}, merge=_mergekit_linear,
     batch=_mergekit_linear_batch, doc="Σ wᵢ·θᵢ / Σ wᵢ", blocks=ELEMENTWISE)
 

@@ -212,7 +212,7 @@ SCE_BLOCKS = RowBlocks(
 
 MERGEKIT_SCE = ConfigMethod(
     "sce", "mergekit", needs_base=True, model_params={},
-    global_params={"select_topk": Param("fraction", 1.0, doc="fraction of highest-variance entries kept"),
+    global_params={"select_topk": Param("kept", 1.0, doc="fraction of highest-variance entries kept"),
                    "int8_mask": Param("bool", False, doc="mergekit's mask storage; no effect on the result")},
     merge=lambda call: _sce(_options(call), call.base, call.models, call.backend),
     doc="top-variance selection, mean-square weights, sign erase, weighted mean", blocks=SCE_BLOCKS)

@@ -65,8 +65,9 @@ def _mergekit_task_arithmetic(call: GroupCall):
 
 
 MERGEKIT_TASK_ARITHMETIC = ConfigMethod(
-    "task_arithmetic", "mergekit", needs_base=True, model_params={"weight": Param("number", 1.0, doc="wᵢ")},
-    global_params={k: GTA_PARAMS[k] for k in ("lambda", "normalize")}, merge=_mergekit_task_arithmetic,
+    "task_arithmetic", "mergekit", needs_base=True, model_params={"weight": Param("number", REQUIRED, doc="wᵢ")},
+    global_params={**GTA_PARAMS, "rescale": Param("bool", False, doc="no effect: task_arithmetic trims nothing")},
+    merge=_mergekit_task_arithmetic,
     doc="θ0 + λ·Σ wᵢ·τᵢ", blocks=ELEMENTWISE)
 
 

@@ -31,8 +31,10 @@ from .. import options as opt
 from .._forms import gather, gather_like, prepare
 from ..philox import GROUP, drop_threshold, mask_key
 from ..reference import CombineJob, TiesSpec
+from . import breadcrumbs
 from ._sparse import radix_passes
 from ._spec import REQUIRED, ConfigMethod, FusionBenchAlgorithm, GroupCall, Method, Param, RowBlocks, Span
+from .breadcrumbs import BreadcrumbsOptions
 from .dare import DARE_MODEL_PARAMS, one_density
 from .task_arithmetic import GTA_PARAMS
 
@@ -151,22 +153,44 @@ def _mergekit_options(call: GroupCall, random: bool) -> TiesOptions:
     return TiesOptions(density=tuple(1.0 if d is None else d for d in call.densities), **common)
 
 
+def _rescaled(call: GroupCall) -> bool:
+    return bool(call.param("rescale", MERGEKIT_TIES))
+
+
+def _rescaled_options(call: GroupCall) -> BreadcrumbsOptions:
+    """mergekit's ties with `rescale`: each trimmed τᵢ scaled back to its L1 norm before the weighted vote, which
+    is breadcrumbs_ties' band with γ = 0 and at least one entry kept (mergekit's magnitude trim); its kernels."""
+    o = _mergekit_options(call, random=False)
+    return BreadcrumbsOptions(o.weights, tuple(o.densities(len(call.models))), 0.0, o.scaling, o.merge == "mean",
+                              True, _rescaled(call), o.out_dtype, at_least_one=True)
+
+
+def _mergekit_ties(call: GroupCall):
+    if _rescaled(call):
+        return breadcrumbs.merge_call(call, _rescaled_options(call))
+    return _ties(_mergekit_options(call, random=False), call.base, call.models, backend=call.backend)
+
+
 # Row blocks (RowBlocks): the trim thresholds are the exact k-th largest |τᵢ| bits of the whole tensor, by the
 # radix selection over blocks of _sparse.radix_passes; then each block is merged with those thresholds
-# (DARE-TIES: its masks keyed by the elements' indices in the whole tensor).
+# (DARE-TIES: its masks keyed by the elements' indices in the whole tensor). With `rescale`, breadcrumbs'
+# passes (its band's thresholds, then the L1 sums) and merge.
 
 
 def _trims(call: GroupCall, span: Span):
     """(ks, models) of the trim: each model's kept count in the whole tensor."""
+    if _rescaled(call):
+        return breadcrumbs.band_selections(call, span, _rescaled_options(call))
     o = _mergekit_options(call, random=False)
     n = len(call.models)
     return [kept_count(x, math.prod(span.shape), o.k_rule) for x in o.densities(n)], list(range(n))
 
 
 TIES_BLOCKS = RowBlocks(
-    passes=radix_passes(_trims),
-    merge=lambda call, span, stats: _ties(_mergekit_options(call, random=False), call.base, call.models,
-                                          backend=call.backend, thresholds=stats[0]))
+    passes=(*radix_passes(_trims), breadcrumbs.l1_pass(_rescaled_options)),
+    merge=lambda call, span, stats: breadcrumbs.merge_call(call, _rescaled_options(call), span, stats)
+    if _rescaled(call) else _ties(_mergekit_options(call, random=False), call.base, call.models, backend=call.backend,
+                                  thresholds=stats[0]))
 DARE_TIES_BLOCKS = RowBlocks(
     merge=lambda call, span, stats: _ties(_mergekit_options(call, random=True), call.base, call.models,
                                           backend=call.backend, first=span.first),
@@ -175,10 +199,11 @@ DARE_TIES_BLOCKS = RowBlocks(
 
 MERGEKIT_TIES = ConfigMethod(
     "ties", "mergekit", needs_base=True,
-    model_params={"weight": Param("number", 1.0, doc="wᵢ, before the vote"),
-                  "density": Param("fraction", 1.0, doc="kept fraction of |τᵢ| per tensor, per model")},
-    global_params={**GTA_PARAMS, "normalize": Param("bool", True, doc="divide by the agreeing Σ wᵢ")},
-    merge=lambda call: _ties(_mergekit_options(call, random=False), call.base, call.models, backend=call.backend),
+    model_params={"weight": Param("number", REQUIRED, doc="wᵢ, before the vote"),
+                  "density": Param("kept", 1.0, doc="kept fraction of |τᵢ| per tensor, per model")},
+    global_params={**GTA_PARAMS, "normalize": Param("bool", True, doc="divide by the agreeing Σ wᵢ"),
+                   "rescale": Param("bool", False, doc="scale each trimmed τᵢ back to its L1 norm")},
+    merge=_mergekit_ties,
     doc="θ0 + λ·Σ wᵢ·τ̂ᵢ·agreeᵢ / Σ wᵢ·agreeᵢ, per-tensor top-density trim, weighted vote, ties to +",
     blocks=TIES_BLOCKS)
 
