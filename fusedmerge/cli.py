@@ -82,6 +82,10 @@ def merge(args) -> int:
         if args.shard_size is not None:
             cfg.shard_size = merge_config.parse_size(args.shard_size, "--shard-size")
         budget = merge_config.parse_size(args.memory_budget, "--memory-budget")
+        if budget < 1000 or (budget < 2**20 and str(args.memory_budget).strip().isdigit()):
+            raise merge_config.ConfigError(
+                f"--memory-budget {args.memory_budget}: {budget} bytes is too small to merge in reasonable time (a bare "
+                "number is bytes; write the unit, e.g. 16GB; at least 1KB)")
         try:
             device = torch.device(args.device)
         except RuntimeError:

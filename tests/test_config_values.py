@@ -55,7 +55,8 @@ def test_hostile_values_are_refused_at_once_naming_the_key(tmp_path, capsys, cas
 
 
 @pytest.mark.parametrize("option, value", [("--shard-size", BIG), ("--memory-budget", BIG), ("--seed", BIG),
-                                           ("--memory-budget", "1e30TB"), ("--shard-size", "nan")])
+                                           ("--memory-budget", "1e30TB"), ("--shard-size", "nan"),
+                                           ("--memory-budget", "16"), ("--memory-budget", "999B")])
 def test_hostile_command_line_values_are_refused_naming_the_option(tmp_path, capsys, option, value):
     path = tmp_path / "c.yml"
     path.write_text(HEAD)

@@ -136,6 +136,44 @@ def test_a_kill_between_the_renames_is_undone_by_the_next_run(models, tmp_path, 
     assert digest(out) == before and leftovers(tmp_path) == []
 
 
+def test_a_signal_once_the_merged_model_is_in_place_lets_the_merge_finish(models, tmp_path, monkeypatch, capsys):
+    """A signal while the old OUT_DIR is deleted (after the renames) neither stops the cleanup nor reports the
+    merge as failed: the new model is in place."""
+    root, cfg = models
+    assert merge(cfg, tmp_path / "want") == 0
+    out = tmp_path / "out"
+    old_out_dir(out)
+    remove = outdir._remove
+
+    def signalled_remove(path):
+        if path.endswith(".old"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        remove(path)
+
+    monkeypatch.setattr(outdir, "_remove", signalled_remove)
+    capsys.readouterr()
+    assert merge(cfg, out, "--overwrite") == 0
+    assert "SIGTERM arrived once the merged model was in" in capsys.readouterr().err
+    assert digest(out) == digest(tmp_path / "want") and leftovers(tmp_path) == []
+
+
+def test_without_overwrite_an_out_dir_filled_during_the_merge_is_left_alone(models, tmp_path, monkeypatch, capsys):
+    """Another program (or merge) creating OUT_DIR meanwhile: the finished merge does not replace it."""
+    root, cfg = models
+    out = tmp_path / "out"
+    write = output.ShardWriter.write
+
+    def racing_write(self, key, t):
+        if not out.exists():
+            old_out_dir(out)
+        return write(self, key, t)
+
+    monkeypatch.setattr(output.ShardWriter, "write", racing_write)
+    assert merge(cfg, out) == 1
+    assert "was created or filled by something else during the merge" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["mine.txt", "more.txt"] and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_mid_merge_removes_the_temporary_directory(models, tmp_path, monkeypatch, capsys, sig):
     root, cfg = models

@@ -227,6 +227,9 @@ def run(cfg: MergeConfig, out_dir: str, opts: Options) -> None:
             _run(cfg, out_dir, opts, dist, signals)
         finally:
             dist.close()
+    if signals.late:
+        print(f"fusedmerge: {signals.late} arrived once the merged model was in {out_dir}; the merge was finished",
+              file=sys.stderr)
 
 
 def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signals: Signals) -> None:
@@ -245,7 +248,7 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signa
         tmp, refused = dist.broadcast((work.tmp if work else None, refused))
         if refused:
             raise FileExistsError(refused)
-        _merge(cfg, out_dir, opts, dist, tmp, lambda: work.replace(signals))
+        _merge(cfg, out_dir, opts, dist, tmp, lambda: work.replace(signals, opts.overwrite))
     finally:
         if work is not None:
             work.close()

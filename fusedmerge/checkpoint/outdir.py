@@ -11,6 +11,7 @@ the lock file's name, never read from its content, and nothing without such a lo
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -37,10 +38,13 @@ class Interrupted(BaseException):
 
 class Signals:
     """While entered (in the main thread), SIGTERM, SIGINT and SIGHUP raise Interrupted so that every
-    `finally` runs; inside `held()` they wait until the block is over (used around the renames)."""
+    `finally` runs; inside `held()` they wait until the block is over (used around the renames). Once the
+    merged model is in place (`complete`), they no longer stop anything: the run finishes, and `late` names
+    the signal that came meanwhile."""
 
     def __init__(self):
         self.saved, self.holding, self.pending = {}, 0, None
+        self.complete, self.late = False, None
 
     def __enter__(self) -> "Signals":
         if threading.current_thread() is threading.main_thread():
@@ -52,7 +56,9 @@ class Signals:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.holding:
+        if self.complete:
+            self.late = signal.Signals(signum).name
+        elif self.holding:
             self.pending = signum
         else:
             raise Interrupted(signum)
@@ -66,7 +72,10 @@ class Signals:
             self.holding -= 1
         if not self.holding and self.pending is not None:
             signum, self.pending = self.pending, None
-            raise Interrupted(signum)
+            if self.complete:
+                self.late = signal.Signals(signum).name
+            else:
+                raise Interrupted(signum)
 
 
 def _within(path: str, directory: str) -> bool:
@@ -97,8 +106,11 @@ def _start_time(pid: int) -> Optional[str]:
 
 
 def _remove(path: str) -> None:
+    """Delete one of this merge's own paths (a directory, or what was moved aside from OUT_DIR: a link too)."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 def _note(text: str) -> None:
@@ -119,13 +131,16 @@ class Workspace:
         os.write(self.fd, json.dumps({"fusedmerge": out_dir, "pid": pid, "start": _start_time(pid)}).encode())
         os.mkdir(self.tmp, 0o700)
 
-    def replace(self, signals: Signals) -> None:
-        """Put the finished temporary directory in OUT_DIR's place by renames, signals held meanwhile."""
+    def replace(self, signals: Signals, overwrite: bool) -> None:
+        """Put the finished temporary directory in OUT_DIR's place by renames, signals held meanwhile; once it
+        is there the merge is complete (signals.complete). Without `overwrite` only an absent or empty OUT_DIR
+        is replaced (rename(2) refuses a non-empty directory, atomically), whatever appeared there since the
+        start; with it, OUT_DIR's previous contents are moved aside and then deleted."""
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # created private; the result gets the usual permissions
         with signals.held():
-            aside = os.path.lexists(self.out_dir)
+            aside = overwrite and os.path.lexists(self.out_dir)
             if aside:
                 os.rename(self.out_dir, self.old)
             try:
@@ -133,14 +148,23 @@ class Workspace:
             except OSError as e:
                 if aside:
                     os.rename(self.old, self.out_dir)
-                raise OSError(e.errno, f"cannot move the merged model into {self.out_dir} ({e.strerror}); "
-                                       f"it is left in {self.tmp}") from None
-        _remove(self.old)
+                if not overwrite and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise FileExistsError(f"{self.out_dir} was created or filled by something else during the "
+                                          "merge and is left as it is; pass --overwrite to replace it") from None
+                raise OSError(e.errno, f"cannot move the merged model into {self.out_dir} ({e.strerror})") from None
+            signals.complete = True
+        self._discard(self.old, "the previous contents of " + self.out_dir)
+
+    def _discard(self, path: str, what: str) -> None:
+        try:
+            _remove(path)
+        except OSError as e:
+            _note(f"could not remove {what} at {path} ({e.strerror or e}); remove it by hand")
 
     def close(self) -> None:
         """Remove what is left (the temporary directory after a failure), then the lock file."""
-        _remove(self.tmp)
-        _remove(self.old)
+        self._discard(self.tmp, "the unfinished merge")
+        self._discard(self.old, "the previous contents of " + self.out_dir)
         os.unlink(self.lock)
         os.close(self.fd)
 
