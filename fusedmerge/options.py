@@ -116,14 +116,19 @@ def count_weights(weights: Optional[Sequence[float]], n: int, normalise: bool, a
     return w
 
 
-def finite_coefficients(coeffs: Sequence[float], acc_dtype: torch.dtype, arg: str) -> None:
+def finite_coefficients(coeffs: Sequence[float], acc_dtype: torch.dtype, arg: str, name: str = "",
+                        tensors: Sequence[torch.Tensor] = ()) -> None:
     """Refuse coefficients that are not finite once rounded to the accumulation dtype (fp32 or fp64): they
-    would turn the result into inf or NaN (inf·0) silently. `arg` names the user's argument(s)."""
+    would turn the result into inf or NaN (inf·0) silently. `arg` names the user's argument(s); coefficients
+    computed from `tensors` (the merge of key `name`) are blamed on those where they hold NaN or Inf."""
     for i, c in enumerate(coeffs):
         try:
             finite = math.isfinite(c) and (acc_dtype == torch.float64 or bool(struct.pack("<f", float(c))))
         except OverflowError:  # struct refuses exactly the values that round to ±inf in fp32
             finite = False
+        if not finite and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError(f"{name}: its tensors hold NaN or Inf values, and this method's coefficients, computed "
+                             "from them (norms, angles, variances), are not finite")
         if not finite:
             raise ValueError(f"{arg}: the coefficient of input {i} is {c!r}, which is not finite in {acc_dtype} "
                              "(the accumulation dtype); it would make the result inf or NaN")

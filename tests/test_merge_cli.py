@@ -379,6 +379,7 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1e-3x}}]\n", "must be a number"),
     ("merge_method: linear\nmodels: [{model: a+lora}]\n", "LoRA"),
     ("merge_method: [oops\n", "not valid YAML"),
+    ("merge_method: ties\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n", "given twice"),
 ])
 def test_bad_configurations_are_refused_with_the_reason(tmp_path, capsys, text, message):
     path = tmp_path / "c.yml"
@@ -395,6 +396,19 @@ def test_a_weight_left_out_is_refused_where_mergekit_requires_it(ckpts, tmp_path
     err = capsys.readouterr().err
     assert f"{method} needs a weight for {ckpts / 'm0'}" in err and "mergekit requires it" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [(None, "has no config.json"), ("{not json", "not a readable JSON"),
+                                              ("[1, 2]", "must hold a JSON object")])
+def test_a_reference_model_without_a_usable_config_json_is_refused(ckpts, tmp_path, capsys, content, message):
+    """The output's config.json is the base's: a missing or broken one is refused before anything is merged."""
+    root = tmp_path / "models"
+    shutil.copytree(ckpts, root)
+    (root / "base" / "config.json").unlink()
+    if content is not None:
+        (root / "base" / "config.json").write_text(content)
+    assert merge(config(root, "task_arithmetic"), tmp_path / "out") == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -93,3 +93,20 @@ def test_opcm_spreads_a_non_finite_value_through_the_projected_matrix(value):
     for m in models:
         merger.add(m)
     assert not merger.merged()["fc.weight"].isfinite().any()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("call", [
+    lambda b, ms: fusedmerge.slerp(b, [ms[1]], 0.5),
+    lambda b, ms: fusedmerge.model_stock(b, ms),
+    lambda b, ms: fusedmerge.sce(b, ms, select_topk=1.0),
+], ids=["slerp", "model_stock", "sce"])
+def test_methods_with_coefficients_from_the_tensors_name_the_tensor_holding_nan_or_inf(call, value):
+    """Their coefficients (angles, norms, variances) come from the whole tensor: a NaN or Inf in it is refused,
+    naming the key and the cause instead of the user's argument."""
+    g = torch.Generator().manual_seed(0)
+    base = {"layer.w": torch.randn(64, generator=g)}
+    models = [{"layer.w": base["layer.w"] + 0.1 * torch.randn(64, generator=g)} for _ in range(2)]
+    models[1]["layer.w"][3] = float(value)
+    with pytest.raises(ValueError, match="layer.w: its tensors hold NaN or Inf values"):
+        call(base, models)

@@ -430,6 +430,8 @@ def read_yaml(text: str, what: str = "configuration"):
         node = loader.get_single_node()
         if node is not None and _expanded_nodes(node, what) > MAX_NODES:
             raise ConfigError(f"{what}: more than {MAX_NODES} YAML nodes once aliases are expanded; refused")
+        if node is not None:
+            _refuse_duplicate_keys(node, what)
         return None if node is None else loader.construct_document(node)
     except ConfigError:
         raise
@@ -439,6 +441,27 @@ def read_yaml(text: str, what: str = "configuration"):
         raise ConfigError(f"{what}: cannot be read ({type(e).__name__}: {show(str(e))})") from None
     finally:
         loader.dispose()
+
+
+def _refuse_duplicate_keys(root, what: str) -> None:
+    """A mapping that gives one key twice (YAML readers keep the last value silently, mergekit's too) is refused."""
+    import yaml
+
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or not isinstance(node.value, list):
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<"]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ConfigError(f"{what}: the key {twice[0]!r} is given twice in one mapping (line "
+                                  f"{node.start_mark.line + 1}); YAML would keep only the last one")
+            stack.extend(n for pair in node.value for n in pair)
+        else:
+            stack.extend(node.value)
 
 
 def _expanded_nodes(root, what: str) -> int:

@@ -30,7 +30,16 @@ from .blocks import merge_tensor
 from .config import MergeConfig
 from .model_dir import ModelDir
 from .outdir import Signals, Workspace, clean_stale, refuse_inputs
-from .output import ShardPlan, ShardWriter, check_same_vocabulary, copy_model_files, write_config, write_index, write_model_card
+from .output import (
+    ShardPlan,
+    ShardWriter,
+    check_config,
+    check_same_vocabulary,
+    copy_model_files,
+    write_config,
+    write_index,
+    write_model_card,
+)
 from .plan import Plan
 from .safetensors import CheckpointError
 
@@ -289,6 +298,7 @@ def _merge_dirs(cfg: MergeConfig, opts: Options, dist: Distributed, tmp: str, di
     if not cfg.layered:  # each model named as the configuration does (karcher's base_model is one more input)
         _check_architectures(reference, [(src.where, m) for src, m in zip(cfg.slices[0].sources, dirs)
                                          if m is not reference])
+    check_config(reference.path)
     if cfg.tokenizer_source == "base":
         check_same_vocabulary(dirs)
     targets = Plan(cfg, dirs)

@@ -144,6 +144,22 @@ def check_same_vocabulary(dirs) -> None:
                                  "not permute embedding rows to the base's vocabulary (tokenizer surgery)")
 
 
+def check_config(path: str) -> None:
+    """The reference model's config.json, which becomes the output's: present and a JSON object (mergekit
+    reads it too), so that no merge ends in a model without a usable configuration."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no config.json; the merged model's configuration is this model's "
+                          "(mergekit needs it too)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{file} is not a readable JSON configuration ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} must hold a JSON object (a model configuration), got {type(config).__name__}")
+
+
 def write_config(directory: str, cfg: MergeConfig, layers) -> None:
     """config.json as mergekit writes it: the layer count of a slices merge, the output dtype."""
     from .plan import updated_config

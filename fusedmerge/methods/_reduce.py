@@ -29,16 +29,17 @@ def group_sums(jobs: Sequence[DotsJob], spec: DotsSpec, backend: str) -> torch.T
 
 
 def combine_rows(out: torch.Tensor, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor],
-                 coeffs: torch.Tensor, arg: str) -> List[CombineJob]:
+                 coeffs: torch.Tensor, arg: str, name: str = "tensor") -> List[CombineJob]:
     """Combination jobs out = base + Σ c[r, i]·(x_i − base) (no base: Σ c[r, i]·x_i) per row r of the
     [rows, −1] views, coeffs fp64 [rows, len(inputs)] (one job for one row); coefficients that are not finite
-    in the accumulation dtype are refused, naming `arg`."""
+    in the accumulation dtype are refused, naming `arg`, or key `name` where its tensors are not finite."""
     rows = coeffs.shape[0]
     acc = CombineJob(out, inputs, [], base).acc_dtype
     if out.numel():
         bad = ~torch.isfinite(coeffs.to(acc)).all(dim=1)
         if bad.any():
-            options.finite_coefficients(coeffs[int(bad.nonzero()[0])].tolist(), acc, arg)
+            options.finite_coefficients(coeffs[int(bad.nonzero()[0])].tolist(), acc, arg, name,
+                                        [*inputs, *([base] if base is not None else [])])
     c = coeffs.tolist()
     if rows == 1:
         return [CombineJob(out, inputs, c[0], base)]

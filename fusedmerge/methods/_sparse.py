@@ -97,7 +97,7 @@ def gta_tail(slot: Slot, deltas: Sequence[torch.Tensor], weights: Sequence[float
     (else allocated)."""
     acc = deltas[0].dtype
     for arg, values in (("weights", weights), ("scaling", [lam])):
-        opt.finite_coefficients(values, acc, arg)
+        opt.finite_coefficients(values, acc, arg, slot.key, deltas)
     if consensus:
         merged = torch.empty(slot.out.shape, dtype=acc, device=slot.out.device)
         zeros = torch.zeros_like(merged) if zeros is None else zeros.reshape(merged.shape)

@@ -104,7 +104,7 @@ def _karcher(inputs, o: KarcherOptions, backend: str, sums: Optional[torch.Tenso
         if sums is None:
             sums = group_sums([DotsJob(s.inputs) for s in slots], DotsSpec(gram_pairs(n)), backend)
         c = coefficients(gram_matrix(sums, n), o.max_iter, o.tol)
-    run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, None, cs, "inputs")],
+    run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, None, cs, "inputs", s.key)],
                 backend)
     return forms.wrap(merged)
 

@@ -93,7 +93,7 @@ def _model_stock(base, inputs, o: ModelStockOptions, backend: str, sums: Optiona
         sums = group_sums(jobs, DotsSpec(gram_pairs(n)), backend)
     t = ratios(gram_matrix(sums, n), o.variant)
     per_slot = torch.split((t / n).unsqueeze(1).expand(-1, n), [j.rows for j in jobs])
-    run_combine([c for s, ts in zip(slots, per_slot) for c in combine_rows(s.out, s.inputs, s.base, ts, "inputs")],
+    run_combine([c for s, ts in zip(slots, per_slot) for c in combine_rows(s.out, s.inputs, s.base, ts, "inputs", s.key)],
                 backend)
     return forms.wrap(merged)
 

@@ -77,13 +77,13 @@ def _multislerp(base, inputs, o: MultislerpOptions, backend: str, sums: Optional
     base_dict = gather_like(base, forms, "base") if base is not None else None
     merged, slots = prepare(forms, base_dict, o.out_dtype)
     if n == 1:
-        run_combine([j for s in slots for j in combine_rows(s.out, s.inputs, None, torch.ones((1, 1)), "weights")],
+        run_combine([j for s in slots for j in combine_rows(s.out, s.inputs, None, torch.ones((1, 1)), "weights", s.key)],
                     backend)
         return forms.wrap(merged)
     if sums is None:
         sums = group_sums([DotsJob(s.inputs, s.base) for s in slots], DotsSpec(gram_pairs(n)), backend)
     c = coefficients(gram_matrix(sums, n), w, o.eps, [s.key for s in slots])
-    run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, s.base, cs, "weights")],
+    run_combine([j for s, cs in zip(slots, c.split(1)) for j in combine_rows(s.out, s.inputs, s.base, cs, "weights", s.key)],
                 backend)
     return forms.wrap(merged)
 

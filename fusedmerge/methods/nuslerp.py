@@ -95,7 +95,7 @@ def _nuslerp(base, inputs, o: NuslerpOptions, backend: str, sums: Optional[torch
         sums = group_sums([DotsJob(s.inputs, s.base, r) for s, r in zip(work, rows)], SUMS, backend)
     c = coefficients(sums, o.t, o.eps)
     run_combine([j for s, r, cs in zip(work, rows, torch.split(c, rows))
-                 for j in combine_rows(s.out, s.inputs, s.base, cs, "weights")], backend)
+                 for j in combine_rows(s.out, s.inputs, s.base, cs, "weights", s.key)], backend)
     for s, w in zip(slots, work):
         if w is not s:
             s.out.copy_(w.out.transpose(0, -1))

@@ -76,7 +76,7 @@ def _merge_pairs(slots, rows, t: torch.Tensor, o: SlerpOptions, backend: str,
         sums = group_sums([DotsJob(s.inputs, None, r) for s, r in zip(slots, rows)], SUMS, backend)
     c = coefficients(sums, t, o.variant, o.dot_threshold, o.eps)
     run_combine([job for s, r, cs in zip(slots, rows, torch.split(c, rows))
-                 for job in combine_rows(s.out, s.inputs, None, cs, "t")], backend)
+                 for job in combine_rows(s.out, s.inputs, None, cs, "t", s.key)], backend)
 
 
 @torch.no_grad()
