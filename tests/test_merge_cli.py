@@ -379,6 +379,7 @@ def test_bin_weights_load_without_unpickling_code(ckpts, tmp_path):
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1e-3x}}]\n", "must be a number"),
     ("merge_method: linear\nmodels: [{model: a+lora}]\n", "LoRA"),
     ("merge_method: [oops\n", "not valid YAML"),
+    ("models: [{model: a, parameters: {weight: 1}}]\n", "merge_method is missing"),
     ("merge_method: ties\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n", "given twice"),
 ])
 def test_bad_configurations_are_refused_with_the_reason(tmp_path, capsys, text, message):
@@ -396,6 +397,12 @@ def test_a_weight_left_out_is_refused_where_mergekit_requires_it(ckpts, tmp_path
     err = capsys.readouterr().err
     assert f"{method} needs a weight for {ckpts / 'm0'}" in err and "mergekit requires it" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_parents_are_created_as_mergekit_does(ckpts, tmp_path):
+    out = tmp_path / "new" / "deeper" / "out"
+    assert merge(config(ckpts, "task_arithmetic"), out) == 0
+    assert (out / "model.safetensors.index.json").exists() or any(out.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("content, message", [(None, "has no config.json"), ("{not json", "not a readable JSON"),

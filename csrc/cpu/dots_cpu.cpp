@@ -79,11 +79,11 @@ inline void store_transposed(const VD* in, double* w) {
     t[2 * k + 1] = _mm512_unpackhi_pd(a, b);  // a1 b1 a3 b3 a5 b5 a7 b7
   }
   const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-  for (int h = 0; h < 2; ++h)    // rows 4h..4h+3
+  for (int h = 0; h < 2; ++h)      // rows 4h..4h+3
     for (int o = 0; o < 2; ++o) {  // even (o = 0) or odd positions
       const __m512d x = t[4 * h + o], y = t[4 * h + 2 + o];
-      s[4 * h + o] = _mm512_permutex2var_pd(x, even, y);      // positions 0 + o and 4 + o of 4 rows
-      s[4 * h + 2 + o] = _mm512_permutex2var_pd(x, odd, y);   // positions 2 + o and 6 + o
+      s[4 * h + o] = _mm512_permutex2var_pd(x, even, y);     // positions 0 + o and 4 + o of 4 rows
+      s[4 * h + 2 + o] = _mm512_permutex2var_pd(x, odd, y);  // positions 2 + o and 6 + o
     }
   for (int pos = 0; pos < 4; ++pos) {  // s[pos]: positions pos and pos + 4 of rows 0-3, s[pos + 4] of rows 4-7
     _mm512_storeu_pd(w + pos * 8, _mm512_shuffle_f64x2(s[pos], s[pos + 4], 0x44));

@@ -303,6 +303,8 @@ def parse(data: Any, *, root: str = ".", text: str = "") -> MergeConfig:
         raise ConfigError("modules: (per-module configurations of multimodal models) is not supported; use models: "
                           "or slices:")
     method = data.get("merge_method")
+    if method is None:
+        raise ConfigError(f"merge_method is missing; fusedmerge implements {list(METHODS)}")
     if not isinstance(method, str) or method not in CONFIG_METHODS:
         raise ConfigError(f"merge_method {show(method)} is not supported; fusedmerge implements {list(METHODS)}")
     spec = CONFIG_METHODS[method]

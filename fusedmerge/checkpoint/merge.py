@@ -248,6 +248,7 @@ def _run(cfg: MergeConfig, out_dir: str, opts: Options, dist: Distributed, signa
     if dist.rank == 0:
         try:
             refuse_inputs(out_dir, cfg.paths())
+            os.makedirs(os.path.dirname(out_dir), exist_ok=True)  # as mergekit creates OUT_DIR's parents
             clean_stale(out_dir)
             _prepare_out_dir(out_dir, opts.overwrite)
             work = Workspace(out_dir)
