@@ -168,6 +168,7 @@ def test_peak_memory_stays_within_budget_for_a_tensor_four_times_larger(tmp_path
         write_file(str(tmp_path / name / "model.safetensors"),
                    {"model.embed_tokens.weight": torch.full((4096, 2048), i / 8, dtype=torch.bfloat16),
                     "model.norm.weight": torch.ones(2048, dtype=torch.bfloat16)})
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
     budget_mb = 4
     assert 4096 * 2048 * 2 >= 4 * budget_mb * 1e6
     cfg, out = _config(tmp_path, "task_arithmetic"), str(tmp_path / "out")
