@@ -358,8 +358,8 @@ def _models(raw, spec: ConfigMethod, base: Optional[str], root: str) -> Slice:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("models must be a non-empty list of {model: PATH, parameters: {...}}")
     models = [_source(item, f"models[{i}]", spec, root, False) for i, item in enumerate(raw)]
-    _refuse_duplicates(spec, [m for m in models if m.path != base])
     others = [m for m in models if m.path != base]
+    _refuse_duplicates(spec, others)
     if spec.peer == "mergekit" and others:
         models = others
     if base and spec.base_use == "input":
@@ -432,8 +432,6 @@ def read_yaml(text: str, what: str = "configuration"):
         node = loader.get_single_node()
         if node is not None and _expanded_nodes(node, what) > MAX_NODES:
             raise ConfigError(f"{what}: more than {MAX_NODES} YAML nodes once aliases are expanded; refused")
-        if node is not None:
-            _refuse_duplicate_keys(node, what)
         return None if node is None else loader.construct_document(node)
     except ConfigError:
         raise
@@ -445,30 +443,20 @@ def read_yaml(text: str, what: str = "configuration"):
         loader.dispose()
 
 
-def _refuse_duplicate_keys(root, what: str) -> None:
-    """A mapping that gives one key twice (YAML readers keep the last value silently, mergekit's too) is refused."""
-    import yaml
-
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or not isinstance(node.value, list):
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<"]
-            twice = sorted({k for k in keys if keys.count(k) > 1})
-            if twice:
-                raise ConfigError(f"{what}: the key {twice[0]!r} is given twice in one mapping (line "
-                                  f"{node.start_mark.line + 1}); YAML would keep only the last one")
-            stack.extend(n for pair in node.value for n in pair)
-        else:
-            stack.extend(node.value)
+def _refuse_duplicate_keys(node, what: str) -> None:
+    if not isinstance(node.value, list) or not all(isinstance(pair, tuple) for pair in node.value):
+        return  # not a mapping
+    keys = [k.value for k, _ in node.value if isinstance(k.value, str) and k.value != "<<"]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"{what}: the key {twice[0]!r} is given twice in one mapping (line {node.start_mark.line + 1}); "
+                          "YAML would keep only the last one")
 
 
 def _expanded_nodes(root, what: str) -> int:
     """How many nodes the YAML graph at `root` has as a tree (aliases expanded), counted without
-    expanding it; above MAX_NODES the count stops there. Raises ConfigError on a recursive alias."""
+    expanding it; above MAX_NODES the count stops there. Raises ConfigError on a recursive alias, and on a
+    mapping that gives one key twice (YAML readers, mergekit's too, keep the last value silently)."""
     sizes, path, stack = {}, set(), [(root, False)]
     while stack:
         node, done = stack.pop()
@@ -480,6 +468,7 @@ def _expanded_nodes(root, what: str) -> int:
         elif id(node) in path:
             raise ConfigError(f"{what}: a recursive YAML alias; refused")
         elif id(node) not in sizes:
+            _refuse_duplicate_keys(node, what)
             path.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children)
